@@ -1,0 +1,409 @@
+"""Wire schemas: one pydantic model per MQTT payload, each carrying its kind and schema version.
+
+A payload is either JSON (content type ``application/json``) or, when it carries tensors, a
+safetensors file (content type :data:`TENSORS_CONTENT_TYPE`) whose metadata key ``envelope``
+holds the same JSON. Every JSON object has ``"kind"`` (e.g. ``"inference-request"``) and
+``"v"`` (the schema version of that kind). A receiver rejects a kind it does not expect with
+:class:`UnknownKindError` and a version it does not speak with
+:class:`UnsupportedSchemaVersion`, before looking at any other field.
+
+Additive, optional fields do not change ``v``; anything else does. Unknown fields are ignored so
+that an older receiver can read a newer sender's additive changes.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgefed.common.errors import (
+    ErrorCode,
+    PayloadError,
+    UnknownKindError,
+    UnsupportedSchemaVersion,
+)
+from edgefed.common.tensors import Compression, decode_tensors, encode_tensors
+
+SCHEMA_VERSION = 1
+JSON_CONTENT_TYPE = "application/json"
+TENSORS_CONTENT_TYPE = "application/vnd.edgefed.tensors+safetensors"
+ENVELOPE_KEY = "envelope"
+
+Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+NonNegative = Annotated[float, Field(ge=0)]
+
+
+def now() -> float:
+    """Wall-clock time as carried on the wire: Unix seconds."""
+    return time.time()
+
+
+def new_id() -> str:
+    """A fresh request / command id."""
+    return uuid.uuid4().hex
+
+
+class WireModel(BaseModel):
+    """Base of every payload: ``kind`` + ``v`` and strict, immutable fields."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, str_max_length=1_000_000)
+
+    KIND: ClassVar[str]
+    SUPPORTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({SCHEMA_VERSION})
+
+    v: int = SCHEMA_VERSION
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class Priority(enum.StrEnum):
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+class AgentState(enum.StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+    DRAINING = "draining"
+
+
+class LoadedModel(BaseModel):
+    """A model version an agent has loaded."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: Identifier
+    version: int = Field(ge=1)
+    role: Literal["full", "head", "tail"] = "full"
+    providers: list[str] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- agent presence
+
+
+class AgentStatus(WireModel):
+    """Retained on ``agents/<agent>/status``; the last will carries ``state=offline``."""
+
+    KIND: ClassVar[str] = "agent-status"
+    kind: Literal["agent-status"] = "agent-status"
+
+    agent_id: Identifier
+    state: AgentState
+    ts: float = Field(default_factory=now)
+    reason: str | None = None
+    agent_version: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    device_profile: str | None = None
+    models: list[LoadedModel] = Field(default_factory=list)
+
+
+class GpuFigures(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    utilization_percent: NonNegative | None = None
+    memory_used_bytes: int | None = Field(default=None, ge=0)
+    memory_total_bytes: int | None = Field(default=None, ge=0)
+
+
+class ResourceFigures(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    cpu_percent: NonNegative
+    memory_used_bytes: int = Field(ge=0)
+    memory_total_bytes: int = Field(ge=0)
+    load_average_1m: NonNegative | None = None
+    gpus: list[GpuFigures] = Field(default_factory=list)
+
+
+class LatencyFigures(BaseModel):
+    """Recent latency of one model on the agent, in milliseconds."""
+
+    model_config = ConfigDict(frozen=True)
+
+    count: int = Field(ge=0)
+    p50_ms: NonNegative
+    p99_ms: NonNegative
+    ewma_ms: NonNegative | None = None
+
+
+class Heartbeat(WireModel):
+    """Periodic on ``agents/<agent>/heartbeat``."""
+
+    KIND: ClassVar[str] = "heartbeat"
+    kind: Literal["heartbeat"] = "heartbeat"
+
+    agent_id: Identifier
+    seq: int = Field(ge=0)
+    ts: float = Field(default_factory=now)
+    resources: ResourceFigures
+    queue_depth: dict[Priority, int] = Field(default_factory=dict)
+    models: list[LoadedModel] = Field(default_factory=list)
+    latency: dict[str, LatencyFigures] = Field(default_factory=dict)
+    controller_rtt_ms: NonNegative | None = None
+
+
+# --------------------------------------------------------------------------- desired state
+
+
+class DesiredModel(BaseModel):
+    """One model an agent should run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: Identifier
+    version: int = Field(ge=1)
+    artifact_url: str
+    manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    role: Literal["full", "head", "tail"] = "full"
+    split_point: int | None = Field(default=None, ge=0)
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+
+
+class DesiredState(WireModel):
+    """Retained on ``agents/<agent>/desired``; ``generation`` only goes up."""
+
+    KIND: ClassVar[str] = "desired-state"
+    kind: Literal["desired-state"] = "desired-state"
+
+    agent_id: Identifier
+    generation: int = Field(ge=1)
+    ts: float = Field(default_factory=now)
+    models: list[DesiredModel] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+class Command(WireModel):
+    """A request on ``agents/<agent>/commands``; answered by a :class:`CommandAck`."""
+
+    KIND: ClassVar[str] = "command"
+    kind: Literal["command"] = "command"
+
+    command_id: str = Field(default_factory=new_id, min_length=1, max_length=128)
+    agent_id: Identifier
+    action: Identifier
+    args: dict[str, Any] = Field(default_factory=dict)
+    ts: float = Field(default_factory=now)
+
+
+class CommandAck(WireModel):
+    KIND: ClassVar[str] = "command-ack"
+    kind: Literal["command-ack"] = "command-ack"
+
+    command_id: str = Field(min_length=1, max_length=128)
+    agent_id: Identifier
+    status: Literal["accepted", "done", "rejected", "failed"]
+    detail: str | None = None
+    result: dict[str, Any] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+class InferenceRequest(WireModel):
+    """A request to run a model. Tensor inputs travel in the safetensors payload."""
+
+    KIND: ClassVar[str] = "inference-request"
+    kind: Literal["inference-request"] = "inference-request"
+
+    request_id: str = Field(default_factory=new_id, min_length=1, max_length=128)
+    model: Identifier
+    version: int | None = Field(default=None, ge=1)
+    texts: list[str] | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    priority: Priority = Priority.NORMAL
+    deadline: float | None = None
+    """Absolute deadline (Unix seconds) across hops; the MQTT message expiry bounds each hop."""
+
+
+class InferenceReply(WireModel):
+    KIND: ClassVar[str] = "inference-reply"
+    kind: Literal["inference-reply"] = "inference-reply"
+
+    request_id: str = Field(min_length=1, max_length=128)
+    model: Identifier
+    version: int = Field(ge=1)
+    served_by: str
+    outputs: dict[str, Any] = Field(default_factory=dict)
+    timings_ms: dict[str, NonNegative] = Field(default_factory=dict)
+
+
+class ErrorReply(WireModel):
+    """The answer to any request that could not be served: never silence."""
+
+    KIND: ClassVar[str] = "error"
+    kind: Literal["error"] = "error"
+
+    code: ErrorCode
+    message: str
+    request_id: str | None = None
+    retryable: bool = False
+    retry_after_s: NonNegative | None = None
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+class TelemetryRecord(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(min_length=1, max_length=128)
+    ts: float
+    value: float | None = None
+    fields: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+
+
+class Telemetry(WireModel):
+    """A batch of records on ``agents/<agent>/telemetry`` (queued while the uplink is down)."""
+
+    KIND: ClassVar[str] = "telemetry"
+    kind: Literal["telemetry"] = "telemetry"
+
+    agent_id: Identifier
+    seq: int = Field(ge=0)
+    records: list[TelemetryRecord]
+
+
+ALL_KINDS: dict[str, type[WireModel]] = {
+    cls.KIND: cls
+    for cls in (
+        AgentStatus,
+        Heartbeat,
+        DesiredState,
+        Command,
+        CommandAck,
+        InferenceRequest,
+        InferenceReply,
+        ErrorReply,
+        Telemetry,
+    )
+}
+
+# --------------------------------------------------------------------------- codec
+
+M = TypeVar("M", bound=WireModel)
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    payload: bytes
+    content_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded(Generic[M]):
+    message: M
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def encode(
+    message: WireModel,
+    tensors: Mapping[str, np.ndarray] | None = None,
+    *,
+    compression: Compression = Compression.NONE,
+) -> Encoded:
+    """Serialise a message, with tensors when given, and say its content type."""
+    if not tensors:
+        return Encoded(message.to_json(), JSON_CONTENT_TYPE)
+    data = encode_tensors(
+        tensors,
+        compression=compression,
+        metadata={ENVELOPE_KEY: message.model_dump_json()},
+    )
+    return Encoded(data, TENSORS_CONTENT_TYPE)
+
+
+def decode(
+    payload: bytes,
+    content_type: str | None,
+    expected: type[M] | Sequence[type[M]],
+    *,
+    max_bytes: int | None = None,
+) -> Decoded[M]:
+    """Parse ``payload`` as one of the ``expected`` kinds.
+
+    Raises :class:`PayloadError` (malformed), :class:`UnknownKindError` or
+    :class:`UnsupportedSchemaVersion`, each with a message naming what was wrong.
+    """
+    kinds = [expected] if isinstance(expected, type) else list(expected)
+    if max_bytes is not None and len(payload) > max_bytes:
+        raise PayloadError(f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}")
+    tensors: dict[str, np.ndarray] = {}
+    if content_type == TENSORS_CONTENT_TYPE or (
+        content_type is None and payload[:1] not in (b"{", b" ", b"\n")
+    ):
+        decoded = decode_tensors(payload, max_bytes=max_bytes)
+        envelope = decoded.metadata.get(ENVELOPE_KEY)
+        if envelope is None:
+            raise PayloadError(f"tensor payload has no {ENVELOPE_KEY!r} metadata")
+        raw: Any = _parse_json(envelope.encode())
+        tensors = decoded.tensors
+    elif content_type in (None, JSON_CONTENT_TYPE, "application/json; charset=utf-8"):
+        raw = _parse_json(payload)
+    else:
+        raise PayloadError(f"unsupported content type {content_type!r}")
+
+    if not isinstance(raw, dict):
+        raise PayloadError(f"payload must be a JSON object, got {type(raw).__name__}")
+    kind = raw.get("kind")
+    by_kind = {k.KIND: k for k in kinds}
+    cls = by_kind.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        names = ", ".join(sorted(by_kind))
+        raise UnknownKindError(f"payload kind {kind!r} is not one of: {names}")
+    version = raw.get("v")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise PayloadError(f"{kind} payload has no integer schema version 'v' (got {version!r})")
+    if version not in cls.SUPPORTED_VERSIONS:
+        supported = ", ".join(str(x) for x in sorted(cls.SUPPORTED_VERSIONS))
+        raise UnsupportedSchemaVersion(
+            f"{kind} schema version {version} is not supported (this side speaks {supported})"
+        )
+    try:
+        message = cls.model_validate(raw)
+    except ValidationError as exc:
+        raise PayloadError(f"invalid {kind} payload: {_describe(exc)}") from exc
+    return Decoded(message, tensors)
+
+
+def error_reply_for(exc: PayloadError, request_id: str | None = None) -> ErrorReply:
+    """The error reply that answers a payload this side could not accept."""
+    return ErrorReply(code=exc.code, message=exc.message, request_id=request_id, retryable=False)
+
+
+def peek_request_id(payload: bytes) -> str | None:
+    """Best-effort request id of a payload that failed to decode (for the error reply)."""
+    try:
+        raw = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    rid = raw.get("request_id") if isinstance(raw, dict) else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
+
+
+def _parse_json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PayloadError(f"payload is not valid JSON: {exc}") from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{loc}: {err['msg']}")
+    more = len(exc.errors()) - 5
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")

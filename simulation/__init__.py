@@ -1,0 +1,1 @@
+"""The simulation harness: a whole fleet on one machine with real processes."""
