@@ -151,10 +151,17 @@ def _check_topic(topic: str) -> None:
 
 
 def _check_filter(topic_filter: str) -> None:
-    try:
-        paho.topic_matches_sub(topic_filter, "x")
-    except ValueError as exc:
-        raise ConfigError(f"invalid subscription filter {topic_filter!r}: {exc}") from exc
+    levels = _match_filter(topic_filter).split("/")
+    problem = None
+    if not topic_filter or "\0" in topic_filter:
+        problem = "it is empty or contains NUL"
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            problem = "'#' must be a whole level and the last one"
+        elif "+" in level and level != "+":
+            problem = "'+' must be a whole level"
+    if problem:
+        raise ConfigError(f"invalid subscription filter {topic_filter!r}: {problem}")
 
 
 class MqttClient:
@@ -204,6 +211,7 @@ class MqttClient:
         self._lost: asyncio.Event | None = None
         self._fatal: MessagingError | None = None
         self._last_error: MessagingError | None = None
+        self._connect_log: str | None = None
         self._closing = False
         self._closed = False
         self._entered = False
@@ -522,6 +530,8 @@ class MqttClient:
         self._lost.clear()
         self._connack = loop.create_future()
         self._generation += 1
+        self._connect_log = None
+        client.on_log = self._on_log  # only while connecting: paho formats every line it logs
         limit = self.settings.connect_timeout_s
         started = time.monotonic()
         try:
@@ -546,9 +556,11 @@ class MqttClient:
             raise BrokerUnavailable(
                 f"cannot reach {self.address.host}:{self.address.port}: {exc}"
             ) from exc
-        except BrokerUnavailable:
+        except (BrokerUnavailable, BrokerAuthError):
             self._drop_socket(client)
             raise
+        finally:
+            client.on_log = None
         if code != 0:
             self._drop_socket(client)
             reason = ReasonCode(PacketTypes.CONNACK, identifier=code)
@@ -771,11 +783,27 @@ class MqttClient:
                 self._loop.remove_reader(fd)
                 self._loop.remove_writer(fd)
 
+    def _on_log(self, client: paho.Client, userdata: Any, level: int, buf: str) -> None:
+        if level == paho.MQTT_LOG_ERR:
+            self._connect_log = buf
+
     def _mark_lost(self) -> None:
         if self._lost is not None:
             self._lost.set()
         if self._connack is not None and not self._connack.done():
-            self._connack.set_exception(BrokerUnavailable("connection closed before CONNACK"))
+            detail = self._connect_log or ""
+            lowered = detail.lower()
+            if "alert" in lowered and ("certificate" in lowered or "unknown_ca" in lowered):
+                # TLS 1.3: the broker checks our certificate after the handshake and answers
+                # with an alert on the first read.
+                self._connack.set_exception(
+                    BrokerAuthError(f"the broker refused our TLS client certificate: {detail}")
+                )
+            else:
+                suffix = f" ({detail})" if detail else ""
+                self._connack.set_exception(
+                    BrokerUnavailable(f"connection closed before CONNACK{suffix}")
+                )
         for fut in list(self._pending_subacks.values()):
             if not fut.done():
                 fut.set_exception(BrokerUnavailable("connection lost before SUBACK"))

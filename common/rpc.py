@@ -71,15 +71,19 @@ class Requester:
         self.reply_topic = topics.replies(inbox_id or client.client_id)
         self.default_timeout = default_timeout or client.settings.request_timeout_s
         self._waiting: dict[bytes, asyncio.Future[Message]] = {}
+        self._start_lock = asyncio.Lock()
         self._started = False
         self.late_replies = 0
         """Replies that arrived after their request timed out (dropped)."""
 
     async def start(self) -> None:
         """Subscribe to the reply topic (idempotent)."""
-        if not self._started:
-            await self.client.subscribe(self.reply_topic, self._on_reply)
-            self._started = True
+        if self._started:
+            return
+        async with self._start_lock:
+            if not self._started:
+                await self.client.subscribe(self.reply_topic, self._on_reply)
+                self._started = True
 
     async def _on_reply(self, message: Message) -> None:
         corr = message.correlation_data
