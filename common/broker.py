@@ -34,7 +34,12 @@ INSTALL_HINT = (
     "EDGEFED_BROKER__MOSQUITTO_PATH to its binary, or point EDGEFED_BROKER_URL at an existing "
     "MQTT v5 broker."
 )
-_SEARCH_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin", "/usr/local/opt/mosquitto/sbin")
+_SEARCH_DIRS = (
+    "/usr/sbin",
+    "/usr/local/sbin",
+    "/opt/homebrew/sbin",
+    "/usr/local/opt/mosquitto/sbin",
+)
 
 
 def find_mosquitto(explicit: Path | str | None = None) -> Path:
@@ -225,8 +230,9 @@ class PrivateBroker:
                 raise BrokerUnavailable(
                     f"mosquitto exited at start: {err.strip() or self._log_tail()}"
                 )
-            with contextlib.suppress(OSError), socket.create_connection(
-                (self.host, self.port), timeout=0.2
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.host, self.port), timeout=0.2),
             ):
                 log.info("private mosquitto %s listening on %s", self.pid, self.url)
                 return

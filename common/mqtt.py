@@ -140,14 +140,18 @@ def _match_filter(topic_filter: str) -> str:
     if topic_filter.startswith("$share/"):
         parts = topic_filter.split("/", 2)
         if len(parts) < 3 or not parts[1] or not parts[2]:
-            raise ConfigError(f"shared subscription {topic_filter!r} must be $share/<group>/<filter>")
+            raise ConfigError(
+                f"shared subscription {topic_filter!r} must be $share/<group>/<filter>"
+            )
         return parts[2]
     return topic_filter
 
 
 def _check_topic(topic: str) -> None:
     if not topic or "+" in topic or "#" in topic or "\0" in topic:
-        raise ConfigError(f"cannot publish to {topic!r}: topics must be non-empty, without wildcards")
+        raise ConfigError(
+            f"cannot publish to {topic!r}: topics must be non-empty, without wildcards"
+        )
 
 
 def _check_filter(topic_filter: str) -> None:
@@ -193,7 +197,7 @@ class MqttClient:
         self._will = will
         self._clean_start = clean_start
         self._require_connection = require_connection
-        self._rng = rng or random.Random()
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._max_queued_outgoing = max_queued_outgoing
 
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -301,9 +305,13 @@ class MqttClient:
         )
         if client is not None:
             self._drop_socket(client)
-        for fut in [*self._pending_pubacks.values(), *self._pending_subacks.values()]:
-            if not fut.done():
-                fut.set_exception(ClientClosedError(f"MQTT client {self.client_id} closed"))
+        closed = ClientClosedError(f"MQTT client {self.client_id} closed")
+        for puback in self._pending_pubacks.values():
+            if not puback.done():
+                puback.set_exception(closed)
+        for suback in self._pending_subacks.values():
+            if not suback.done():
+                suback.set_exception(closed)
         self._closed = True
 
     def add_connect_hook(self, hook: ConnectHook) -> None:
@@ -323,7 +331,7 @@ class MqttClient:
         waiter = asyncio.ensure_future(self._connected.wait())
         assert self._supervisor is not None
         try:
-            done, _ = await asyncio.wait(
+            _done, _ = await asyncio.wait(
                 {waiter, self._supervisor}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
@@ -371,7 +379,7 @@ class MqttClient:
                 f"payload of {len(payload)} bytes exceeds max_payload_bytes "
                 f"({self.settings.max_payload_bytes})"
             )
-        props = Properties(PacketTypes.PUBLISH)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         if content_type is not None:
             props.ContentType = content_type
         if correlation_data is not None:
@@ -478,7 +486,8 @@ class MqttClient:
     async def _run(self) -> None:
         attempt = 0
         first = True
-        assert self._connected is not None and self._lost is not None
+        assert self._connected is not None
+        assert self._lost is not None
         while not self._closing:
             try:
                 session_present = await self._connect_once()
@@ -492,9 +501,7 @@ class MqttClient:
                 delay = backoff_delay(
                     attempt, self.settings.backoff_initial_s, self.settings.backoff_max_s, self._rng
                 )
-                log.info(
-                    "mqtt %s: %s; retrying in %.2f s", self.client_id, exc.message, delay
-                )
+                log.info("mqtt %s: %s; retrying in %.2f s", self.client_id, exc.message, delay)
                 await asyncio.sleep(delay)
                 continue
             attempt = 0
@@ -585,9 +592,7 @@ class MqttClient:
     async def _send_subscribe(self, subs: Sequence[_Subscription]) -> None:
         client = self._client()
         loop = self._running_loop()
-        request = [
-            (s.topic_filter, SubscribeOptions(qos=s.qos, retainHandling=0)) for s in subs
-        ]
+        request = [(s.topic_filter, SubscribeOptions(qos=s.qos, retainHandling=0)) for s in subs]
         rc, mid = client.subscribe(request)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise BrokerUnavailable(f"subscribe failed: {paho.error_string(rc)}")
@@ -595,7 +600,7 @@ class MqttClient:
         self._pending_subacks[mid] = fut
         self._flush(client)
         assert self._lost is not None
-        lost = asyncio.ensure_future(self._lost.wait())
+        lost: asyncio.Future[Any] = asyncio.ensure_future(self._lost.wait())
         try:
             done, _ = await asyncio.wait(
                 {fut, lost},
@@ -646,7 +651,7 @@ class MqttClient:
                 "TLS files are configured but the broker URL is not mqtts://; use mqtts://host:port"
             )
         if self._will is not None:
-            will_props = Properties(PacketTypes.WILLMESSAGE)
+            will_props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
             if self._will.content_type:
                 will_props.ContentType = self._will.content_type
             if self._will.delay_s:
@@ -658,7 +663,7 @@ class MqttClient:
                 retain=self._will.retain,
                 properties=will_props,
             )
-        connect_props = Properties(PacketTypes.CONNECT)
+        connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         connect_props.SessionExpiryInterval = min(_MAX_EXPIRY, self.settings.session_expiry_s)
         connect_props.ReceiveMaximum = self.settings.receive_maximum
         client.connect_async(
@@ -682,9 +687,7 @@ class MqttClient:
     def _ssl_context(self) -> ssl.SSLContext:
         s = self.settings
         try:
-            ctx = ssl.create_default_context(
-                cafile=str(s.ca_file) if s.ca_file else None
-            )
+            ctx = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             if s.cert_file is not None:
                 ctx.load_cert_chain(
@@ -776,7 +779,7 @@ class MqttClient:
         sock = client.socket()
         if sock is not None:
             with contextlib.suppress(Exception):
-                client._sock_close()  # noqa: SLF001  (paho's own close: fires on_socket_close)
+                client._sock_close()
         if self._fd is not None and self._loop is not None and not self._loop.is_closed():
             fd, self._fd = self._fd, None
             with contextlib.suppress(Exception):
@@ -954,4 +957,3 @@ class MqttClient:
 def new_client_id(prefix: str = "edgefed") -> str:
     """A client id unlikely to collide: ``<prefix>-<12 hex>``."""
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
-

@@ -149,10 +149,8 @@ class Requester:
         reply = await self.request_raw(
             topic, out.payload, content_type=out.content_type, timeout=timeout
         )
-        kinds: list[type[WireModel]] = (
-            [expected] if isinstance(expected, type) else list(expected)
-        )
-        decoded = decode(
+        kinds: list[type[WireModel]] = [expected] if isinstance(expected, type) else list(expected)
+        decoded: Decoded[WireModel] = decode(
             reply.payload,
             reply.content_type,
             [*kinds, ErrorReply],
@@ -259,16 +257,14 @@ async def serve(
         request_id: str | None = None
         try:
             if message.expired():
-                raise _Expired("request expired before it was handled")
+                raise _ExpiredError("request expired before it was handled")
             decoded = decode(message.payload, message.content_type, kinds, max_bytes=max_bytes)
-        except (PayloadError, _Expired) as exc:
+        except (PayloadError, _ExpiredError) as exc:
             request_id = peek_request_id(message.payload)
             reply: Encoded = encode(
                 _error_for(exc, request_id)
                 if isinstance(exc, PayloadError)
-                else ErrorReply(
-                    code=ErrorCode.EXPIRED, message=str(exc), request_id=request_id
-                )
+                else ErrorReply(code=ErrorCode.EXPIRED, message=str(exc), request_id=request_id)
             )
             log.info("rejected request on %s: %s", message.topic, reply.payload[:200])
             await _send(client, message, reply)
@@ -303,7 +299,7 @@ async def serve(
         try:
             result = await handler(decoded, message)
             reply = result if isinstance(result, Encoded) else encode(result)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
+        except Exception as exc:
             if not isinstance(exc, EdgefedError):
                 log.exception("handler for %s failed", message.topic)
             reply = encode(_error_for(exc, request_id if isinstance(request_id, str) else None))
@@ -318,7 +314,7 @@ async def serve(
     await client.subscribe(topic_filter, respond, qos=qos)
 
 
-class _Expired(Exception):
+class _ExpiredError(Exception):
     pass
 
 

@@ -9,7 +9,7 @@ Every topic lives under ``edgefed/v1/<fleet>/``::
     agents/<agent>/commands    Command requests; the CommandAck goes to the response topic
     agents/<agent>/infer       InferenceRequest; the reply goes to the response topic
     workers/<pool>/infer       InferenceRequest for a pool of cloud workers, consumed through
-                               the shared subscription $share/<pool>/edgefed/v1/<fleet>/workers/<pool>/infer
+                               the shared subscription $share/<pool>/<the topic above>
     clients/<client>/replies   the response topic of each requester (replies, acks, errors)
     controller/status          retained status of the controller
 

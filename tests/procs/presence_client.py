@@ -17,7 +17,9 @@ async def main(url: str, fleet: str, agent_id: str) -> None:
     topic = Topics(fleet).agent_status(agent_id)
     will = Will(
         topic,
-        AgentStatus(agent_id=agent_id, state=AgentState.OFFLINE, reason="connection lost").to_json(),
+        AgentStatus(
+            agent_id=agent_id, state=AgentState.OFFLINE, reason="connection lost"
+        ).to_json(),
         content_type="application/json",
     )
     async with MqttClient.from_settings(settings, client_id=agent_id, will=will) as client:
