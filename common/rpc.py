@@ -261,12 +261,13 @@ async def serve(
             decoded = decode(message.payload, message.content_type, kinds, max_bytes=max_bytes)
         except (PayloadError, _ExpiredError) as exc:
             request_id = peek_request_id(message.payload)
-            reply: Encoded = encode(
+            error = (
                 _error_for(exc, request_id)
                 if isinstance(exc, PayloadError)
                 else ErrorReply(code=ErrorCode.EXPIRED, message=str(exc), request_id=request_id)
             )
-            log.info("rejected request on %s: %s", message.topic, reply.payload[:200])
+            reply: Encoded = encode(error)
+            log.info("rejected request on %s (%s): %s", message.topic, error.code, error.message)
             await _send(client, message, reply)
             return
 

@@ -1,0 +1,266 @@
+"""The ``edgefed`` command line.
+
+Each command builds and validates the settings when it starts (never at import), converts
+edgefed errors into a one-line message and an exit code from ``sysexits.h``, and imports heavy
+packages only inside the command that needs them, so the edge install stays light.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from edgefed import __version__
+from edgefed.common.errors import ArtifactRejected, ConfigError, EdgefedError
+from edgefed.common.settings import Settings, load_settings
+
+app = typer.Typer(
+    name="edgefed",
+    help="Cloud-edge federation for transformer models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+artifact_app = typer.Typer(help="Build, sign and verify model artifacts.", no_args_is_help=True)
+app.add_typer(artifact_app, name="artifact")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="TOML config file (also $EDGEFED_CONFIG).",
+        exists=False,
+        dir_okay=False,
+    ),
+]
+
+
+class _State:
+    config: Path | None = None
+    log_level: str | None = None
+
+
+_state = _State()
+
+
+@app.callback()
+def _root(
+    config: ConfigOption = None,
+    log_level: Annotated[
+        str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
+    ] = None,
+) -> None:
+    _state.config = config
+    _state.log_level = log_level
+
+
+def _settings(**overrides: object) -> Settings:
+    if _state.log_level:
+        overrides.setdefault("log_level", _state.log_level.upper())
+    settings = load_settings(_state.config, **overrides)
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False)],
+        force=True,
+    )
+    return settings
+
+
+@app.command()
+def version() -> None:
+    """Print the edgefed version."""
+    out.print(f"edgefed {__version__}")
+
+
+@app.command()
+def broker(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1; 0 picks a free one.")] = 0,
+    persistence: Annotated[
+        bool | None, typer.Option(help="Keep sessions and retained messages on disk.")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Folder for config, persistence and log.")
+    ] = None,
+) -> None:
+    """Run a private mosquitto on loopback until Ctrl-C."""
+    from edgefed.common.broker import PrivateBroker
+
+    settings = _settings()
+    b = PrivateBroker(
+        port=port or None,
+        persistence=settings.broker.persistence if persistence is None else persistence,
+        data_dir=data_dir or settings.broker.data_dir,
+        mosquitto_path=settings.broker.mosquitto_path,
+        start_timeout_s=settings.broker.start_timeout_s,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with b:
+        out.print(f"[green]mosquitto running[/green] at [bold]{b.url}[/bold] (pid {b.pid})")
+        out.print(f"  export EDGEFED_BROKER_URL={b.url}")
+        out.print(f"  config and log in {b.data_dir}; Ctrl-C stops it")
+        try:
+            while not stop.wait(0.5):
+                if not b.running:
+                    raise EdgefedError(f"mosquitto exited; see {b.log_file}")
+        except KeyboardInterrupt:
+            pass
+    out.print("mosquitto stopped")
+
+
+@app.command()
+def demo(
+    requests: Annotated[int, typer.Option(min=1, help="Round trips to measure.")] = 200,
+    payload_bytes: Annotated[int, typer.Option(min=200, help="Request size in bytes.")] = 1024,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Run the main job on embedded defaults (private broker, demo agent, request/reply)."""
+    from edgefed.simulation.demo import run_demo
+
+    settings = _settings()
+    if settings.broker_url is None and settings.fleet == "default":
+        settings = settings.model_copy(update={"fleet": "demo"})
+    report = asyncio.run(
+        run_demo(
+            settings,
+            requests=requests,
+            payload_bytes=payload_bytes,
+            progress=(lambda m: None) if as_json else (lambda m: out.print(f"• {m}")),
+        )
+    )
+    if as_json:
+        out.print_json(
+            json.dumps(
+                {
+                    "broker_url": report.broker_url,
+                    "requests": len(report.round_trips_ms),
+                    "payload_bytes": report.payload_bytes,
+                    "median_ms": report.median_ms,
+                    "p99_ms": report.percentile(0.99),
+                    "status_seen": report.status_seen,
+                    "malformed_reply": report.malformed_reply,
+                    "timeout_error": report.timeout_error,
+                }
+            )
+        )
+        return
+    table = Table(title="MQTT v5 request/reply through mosquitto")
+    for col in ("requests", "payload", "median", "p90", "p99", "max"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(len(report.round_trips_ms)),
+        f"{report.payload_bytes} B",
+        f"{report.median_ms:.2f} ms",
+        f"{report.percentile(0.90):.2f} ms",
+        f"{report.percentile(0.99):.2f} ms",
+        f"{max(report.round_trips_ms):.2f} ms",
+    )
+    out.print(table)
+    out.print(f"broker: {report.broker_url}" + (" (private)" if report.private_broker else ""))
+    for name, topic in report.topics.items():
+        out.print(f"  {name:8} {topic}")
+    out.print(f"agent status seen: {' → '.join(report.status_seen)}")
+    out.print(f"a reply:           {json.dumps(report.sample_reply)[:160]}")
+    out.print(f"malformed request: {json.dumps(report.malformed_reply)}")
+    out.print(f"nobody listening:  {report.timeout_error}")
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+@artifact_app.command("keygen")
+def artifact_keygen(
+    key_file: Annotated[Path, typer.Argument(help="Private key file to write (mode 0600).")],
+    public_file: Annotated[
+        Path | None, typer.Option(help="Public key file; default KEY_FILE with .pub.")
+    ] = None,
+    overwrite: bool = False,
+) -> None:
+    """Create an Ed25519 signing key pair."""
+    from edgefed.common.artifact import generate_signing_key
+
+    key = generate_signing_key()
+    key.save(key_file, overwrite=overwrite)
+    pub = public_file or key_file.with_suffix(".pub")
+    key.verify_key.save(pub, overwrite=overwrite)
+    out.print(f"signing key {key_file} (key id {key.key_id}); public key {pub}")
+
+
+@artifact_app.command("sign")
+def artifact_sign(
+    directory: Annotated[Path, typer.Argument(help="Artifact folder with the model files.")],
+    key: Annotated[Path, typer.Option(help="Private signing key.")],
+    name: Annotated[str, typer.Option(help="Model name.")],
+    version: Annotated[int, typer.Option(min=1, help="Version; must only go up.")],
+    task: Annotated[str, typer.Option(help="feature-extraction, text-classification, ...")],
+    target: Annotated[str, typer.Option(help="Device target profile.")] = "cpu",
+) -> None:
+    """Write manifest.json and manifest.sig for a folder of model files."""
+    from edgefed.common.artifact import load_signing_key, write_artifact
+
+    signing_key = load_signing_key(key)
+    manifest = write_artifact(
+        directory,
+        name=name,
+        version=version,
+        task=task,  # type: ignore[arg-type]  # validated by the manifest model
+        target=target,
+        signing_key=signing_key,
+    )
+    out.print(
+        f"signed {manifest.name} v{manifest.version}: {len(manifest.files)} files, "
+        f"{manifest.total_size} bytes, key id {signing_key.key_id}"
+    )
+
+
+@artifact_app.command("verify")
+def artifact_verify(
+    directory: Annotated[Path, typer.Argument(help="Artifact folder.")],
+    trust: Annotated[list[Path], typer.Option(help="Trusted public key (repeatable).")],
+    min_version: Annotated[int, typer.Option(help="Lowest acceptable version.")] = 0,
+) -> None:
+    """Verify an artifact: signature, trusted key, version, files, hashes, sizes, paths."""
+    from edgefed.common.artifact import load_verify_key, verify
+
+    settings = _settings()
+    keys = [load_verify_key(p) for p in trust]
+    try:
+        manifest = verify(directory, keys, min_version=min_version, limits=settings.artifact)
+    except ArtifactRejected as exc:
+        err.print(f"[red]rejected[/red] ({exc.reason}): {exc.detail}")
+        raise typer.Exit(exc.exit_code) from None
+    out.print(f"[green]ok[/green] {manifest.name} v{manifest.version} ({manifest.task})")
+
+
+def main() -> None:
+    """Console entry point: run the app, turning edgefed errors into messages and exit codes."""
+    try:
+        app()
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/red] {exc.message}")
+        sys.exit(exc.exit_code)
+    except EdgefedError as exc:
+        err.print(f"[red]error:[/red] {exc.message}")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
