@@ -66,6 +66,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Raise :class:`BrokerUnavailable` when another socket listens on ``host:port``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as mosquitto does
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise BrokerUnavailable(
+                f"cannot start mosquitto on {host}:{port}: Address already in use "
+                f"(another process listens there; choose another port or leave it unset): {exc}"
+            ) from exc
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerTls:
     """TLS for the broker's listener; ``require_certificate`` turns on mutual TLS."""
@@ -213,6 +227,9 @@ class PrivateBroker:
     # ------------------------------------------------------------------ internals
 
     def _spawn(self) -> None:
+        # Another process listening on the port would accept our readiness probe while mosquitto
+        # fails to bind, so a taken port must be detected before spawning, not after.
+        _check_port_free(self.host, self.port)
         conf = self._write_config()
         self.log_file.unlink(missing_ok=True)
         self._proc = subprocess.Popen(
@@ -234,8 +251,9 @@ class PrivateBroker:
                 contextlib.suppress(OSError),
                 socket.create_connection((self.host, self.port), timeout=0.2),
             ):
-                log.info("private mosquitto %s listening on %s", self.pid, self.url)
-                return
+                if self._proc.poll() is None:
+                    log.info("private mosquitto %s listening on %s", self.pid, self.url)
+                    return
             time.sleep(0.02)
         self.stop()
         raise BrokerUnavailable(

@@ -68,7 +68,8 @@ class BrokerAddress(BaseModel):
 class MqttSettings(BaseModel):
     """How edgefed talks to the MQTT broker."""
 
-    model_config = ConfigDict(extra="forbid")
+    # validate_default: the backoff cap check must also run when only the initial delay is set.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     username: str | None = None
     """User name for password auth (overrides one in the broker URL)."""
