@@ -121,6 +121,26 @@ class _Subscription:
     match_filter: str
     handler: Handler
     qos: int
+    levels: tuple[str, ...] = ()
+    wildcard: bool = False
+
+    def __post_init__(self) -> None:
+        self.levels = tuple(self.match_filter.split("/"))
+        self.wildcard = "+" in self.levels or "#" in self.levels
+
+    def matches(self, topic: str) -> bool:
+        """MQTT topic matching (section 4.7), without building paho's matcher per call."""
+        if not self.wildcard:
+            return topic == self.match_filter
+        parts = topic.split("/")
+        if topic.startswith("$") and self.levels[0] in ("+", "#"):
+            return False  # wildcards at the first level do not match $-topics
+        for i, level in enumerate(self.levels):
+            if level == "#":
+                return True
+            if i >= len(parts) or (level != "+" and level != parts[i]):
+                return False
+        return len(parts) == len(self.levels)
 
 
 @dataclass(slots=True)
@@ -958,8 +978,9 @@ class MqttClient:
             self._held.append(inbound)
 
     def _route(self, inbound: _Inbound) -> bool:
+        topic = inbound.message.topic
         for sub in self._subscriptions.values():
-            if paho.topic_matches_sub(sub.match_filter, inbound.message.topic):
+            if sub.matches(topic):
                 self._spawn(self._handle(sub, inbound), f"handle:{sub.topic_filter}")
                 return True
         return False

@@ -1,8 +1,8 @@
 """Wire schemas: one pydantic model per MQTT payload, each carrying its kind and schema version.
 
-A payload is either JSON (content type ``application/json``) or, when it carries tensors, a
-safetensors file (content type :data:`TENSORS_CONTENT_TYPE`) whose metadata key ``envelope``
-holds the same JSON. Every JSON object has ``"kind"`` (e.g. ``"inference-request"``) and
+A payload is either JSON (no content type, or ``application/json``) or, when it carries
+tensors, a safetensors file (content type :data:`TENSORS_CONTENT_TYPE`, always set by edgefed)
+whose metadata key ``envelope`` holds the same JSON. Every JSON object has ``"kind"`` (e.g. ``"inference-request"``) and
 ``"v"`` (the schema version of that kind). A receiver rejects a kind it does not expect with
 :class:`UnknownKindError` and a version it does not speak with
 :class:`UnsupportedSchemaVersion`, before looking at any other field.
@@ -300,7 +300,8 @@ M = TypeVar("M", bound=WireModel)
 @dataclass(frozen=True, slots=True)
 class Encoded:
     payload: bytes
-    content_type: str
+    content_type: str | None
+    """``None`` for JSON (the default, saving a property per message); set for tensors."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,7 +318,7 @@ def encode(
 ) -> Encoded:
     """Serialise a message, with tensors when given, and say its content type."""
     if not tensors:
-        return Encoded(message.to_json(), JSON_CONTENT_TYPE)
+        return Encoded(message.to_json(), None)
     data = encode_tensors(
         tensors,
         compression=compression,

@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import safetensors
-import safetensors.numpy
 
 from edgefed.common.errors import TensorFormatError
 
@@ -75,6 +74,17 @@ _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 Array = npt.NDArray[Any]
+
+# numpy's dtype.name is a Python-level property that costs microseconds per call; this table
+# answers the same question with one dict lookup (big-endian dtypes are added on first sight).
+_DTYPE_NAMES: dict[np.dtype[Any], str] = {np.dtype(n): n for n in _SUPPORTED_DTYPES}
+
+
+def _dtype_name(dtype: np.dtype[Any]) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = dtype.name
+    return name
 
 
 class Compression(enum.StrEnum):
@@ -119,7 +129,7 @@ def encode_tensors(
     out: dict[str, Array] = {}
     for name, value in tensors.items():
         array = _checked_array(name, value)
-        dtype = array.dtype.name
+        dtype = _dtype_name(array.dtype)
         entry: dict[str, str] = {"dtype": dtype, "codec": Compression.NONE.value}
         if dtype in _FLOAT_DTYPES and codec is Compression.FP16:
             out[name] = _to_fp16(name, array)
@@ -135,9 +145,53 @@ def encode_tensors(
             out[name] = array
         header[TENSOR_KEY_PREFIX + name] = json.dumps(entry, separators=(",", ":"))
     try:
-        return safetensors.numpy.save(out, metadata=header)
+        return _save(out, header)
     except (safetensors.SafetensorError, ValueError, TypeError) as exc:
         raise TensorFormatError(f"cannot serialise tensors: {exc}") from exc
+
+
+def _save(arrays: Mapping[str, Array], metadata: dict[str, str]) -> bytes:
+    """``safetensors.numpy.save`` without its per-tensor ``ndarray.ctypes`` cost (the arrays are
+    already contiguous little-endian, see :func:`_checked_array`)."""
+    specs = {
+        name: safetensors.TensorSpec(
+            dtype=_dtype_name(a.dtype),
+            shape=a.shape,
+            data_ptr=a.__array_interface__["data"][0],
+            data_len=a.nbytes,
+        )
+        for name, a in arrays.items()
+    }
+    return bytes(safetensors.serialize(specs, metadata=metadata))
+
+
+_NUMPY_OF: dict[str, np.dtype[Any]] = {
+    "F16": np.dtype(np.float16),
+    "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "I16": np.dtype(np.int16),
+    "U16": np.dtype(np.uint16),
+    "I32": np.dtype(np.int32),
+    "U32": np.dtype(np.uint32),
+    "I64": np.dtype(np.int64),
+    "U64": np.dtype(np.uint64),
+    "BOOL": np.dtype(np.bool_),
+}
+
+
+def _load(raw: bytes) -> dict[str, Array]:
+    """``safetensors.numpy.load``: the Rust side checks the header and offsets."""
+    arrays: dict[str, Array] = {}
+    for name, view in safetensors.deserialize(raw):
+        dtype = _NUMPY_OF.get(view["dtype"])
+        if dtype is None:
+            raise TensorFormatError(
+                f"tensor {name!r} has dtype {view['dtype']} edgefed cannot read"
+            )
+        arrays[name] = np.frombuffer(view["data"], dtype=dtype).reshape(view["shape"])
+    return arrays
 
 
 def wire_size(tensors: Mapping[str, Array], compression: Compression = Compression.NONE) -> int:
@@ -186,7 +240,7 @@ def _checked_array(name: object, value: object) -> Array:
     if not isinstance(value, np.ndarray):
         raise TensorFormatError(f"tensor {name!r} must be a numpy array, not {_kind(value)}")
     array = np.asarray(value)
-    if array.dtype.name not in _SUPPORTED_DTYPES:
+    if _dtype_name(array.dtype) not in _SUPPORTED_DTYPES:
         raise TensorFormatError(
             f"tensor {name!r} has dtype {array.dtype} which the wire format cannot carry "
             f"(supported: {', '.join(sorted(_SUPPORTED_DTYPES))})"
@@ -253,7 +307,7 @@ def decode_tensors(
     if not raw:
         raise TensorFormatError("tensor payload is empty")
     try:
-        stored = safetensors.numpy.load(raw)
+        stored = _load(raw)
         header_len = int.from_bytes(raw[:8], "little")
         header = json.loads(raw[8 : 8 + header_len])
     except (safetensors.SafetensorError, ValueError, TypeError, KeyError) as exc:
@@ -320,7 +374,7 @@ def _restore(name: str, text: str, stored: Mapping[str, Array], used_scales: set
         raise TensorFormatError(f"metadata describes tensor {name!r} which is not in the payload")
 
     if codec is Compression.NONE:
-        if array.dtype.name != dtype:
+        if _dtype_name(array.dtype) != dtype:
             raise TensorFormatError(
                 f"tensor {name!r} is stored as {array.dtype} but metadata says {dtype}"
             )
@@ -349,7 +403,7 @@ def _restore(name: str, text: str, stored: Mapping[str, Array], used_scales: set
             f"scale tensor {scale_name!r} has shape {scale.shape}, expected {expected} "
             f"for int8 tensor {name!r} of shape {array.shape}"
         )
-    if scale.dtype.name not in _FLOAT_DTYPES:
+    if _dtype_name(scale.dtype) not in _FLOAT_DTYPES:
         raise TensorFormatError(f"scale tensor {scale_name!r} has non-floating dtype {scale.dtype}")
     if not np.all(np.isfinite(scale)) or np.any(scale < 0):
         raise TensorFormatError(
@@ -365,7 +419,7 @@ def _restore(name: str, text: str, stored: Mapping[str, Array], used_scales: set
 
 
 def _expect_dtype(name: str, array: Array, dtype: str, codec: Compression) -> None:
-    if array.dtype.name != dtype:
+    if _dtype_name(array.dtype) != dtype:
         raise TensorFormatError(
             f"tensor {name!r} with codec {codec} must be stored as {dtype}, not {array.dtype}"
         )

@@ -115,9 +115,10 @@ def test_every_kind_round_trips_through_json(kind: str) -> None:
     encoded = encode(message)
     decoded = decode(encoded.payload, encoded.content_type, ALL_KINDS[kind])
 
-    assert encoded.content_type == JSON_CONTENT_TYPE
+    assert encoded.content_type is None  # JSON is the default: no property on the wire
     assert decoded.message == message
     assert decoded.tensors == {}
+    assert decode(encoded.payload, JSON_CONTENT_TYPE, ALL_KINDS[kind]).message == message
 
 
 def test_decode_picks_the_kind_among_several_expected() -> None:
