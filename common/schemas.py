@@ -2,9 +2,9 @@
 
 A payload is either JSON (no content type, or ``application/json``) or, when it carries
 tensors, a safetensors file (content type :data:`TENSORS_CONTENT_TYPE`, always set by edgefed)
-whose metadata key ``envelope`` holds the same JSON. Every JSON object has ``"kind"`` (e.g. ``"inference-request"``) and
-``"v"`` (the schema version of that kind). A receiver rejects a kind it does not expect with
-:class:`UnknownKindError` and a version it does not speak with
+whose metadata key ``envelope`` holds the same JSON. Every JSON object has ``"kind"`` (e.g.
+``"inference-request"``) and ``"v"`` (the schema version of that kind). A receiver rejects a
+kind it does not expect with :class:`UnknownKindError` and a version it does not speak with
 :class:`UnsupportedSchemaVersion`, before looking at any other field.
 
 Additive, optional fields do not change ``v``; anything else does. Unknown fields are ignored so

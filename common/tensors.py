@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -98,7 +99,10 @@ class Compression(enum.StrEnum):
 @dataclass(frozen=True, slots=True)
 class DecodedTensors:
     """What :func:`decode_tensors` returns: the tensors in their original dtypes and the
-    sender's own metadata (edgefed's ``edgefed.*`` keys removed)."""
+    sender's own metadata (edgefed's ``edgefed.*`` keys removed).
+
+    Uncompressed tensors are read-only views of the payload (no copy); ``np.array(t)`` gives a
+    writable copy."""
 
     tensors: dict[str, Array]
     metadata: dict[str, str]
@@ -166,32 +170,88 @@ def _save(arrays: Mapping[str, Array], metadata: dict[str, str]) -> bytes:
 
 
 _NUMPY_OF: dict[str, np.dtype[Any]] = {
-    "F16": np.dtype(np.float16),
-    "F32": np.dtype(np.float32),
-    "F64": np.dtype(np.float64),
+    "F16": np.dtype("<f2"),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
     "I8": np.dtype(np.int8),
     "U8": np.dtype(np.uint8),
-    "I16": np.dtype(np.int16),
-    "U16": np.dtype(np.uint16),
-    "I32": np.dtype(np.int32),
-    "U32": np.dtype(np.uint32),
-    "I64": np.dtype(np.int64),
-    "U64": np.dtype(np.uint64),
+    "I16": np.dtype("<i2"),
+    "U16": np.dtype("<u2"),
+    "I32": np.dtype("<i4"),
+    "U32": np.dtype("<u4"),
+    "I64": np.dtype("<i8"),
+    "U64": np.dtype("<u8"),
     "BOOL": np.dtype(np.bool_),
 }
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself applies
 
 
-def _load(raw: bytes) -> dict[str, Array]:
-    """``safetensors.numpy.load``: the Rust side checks the header and offsets."""
-    arrays: dict[str, Array] = {}
-    for name, view in safetensors.deserialize(raw):
-        dtype = _NUMPY_OF.get(view["dtype"])
+def _not_safetensors(detail: str) -> TensorFormatError:
+    return TensorFormatError(f"tensor payload is not valid safetensors: {detail}")
+
+
+def _load(raw: bytes) -> tuple[dict[str, Array], dict[str, Any]]:
+    """Parse a safetensors buffer into read-only arrays that view ``raw`` (no copy).
+
+    Checks what the safetensors reader checks: header length within the buffer, a JSON object,
+    known dtypes, shapes of non-negative integers, data offsets that tile the data section
+    exactly (no gaps, overlaps or trailing bytes) and match each tensor's size.
+    """
+    if len(raw) < 8:
+        raise _not_safetensors(f"tensor payload of {len(raw)} bytes is too short for safetensors")
+    header_len = int.from_bytes(raw[:8], "little")
+    if header_len > min(len(raw) - 8, _MAX_HEADER_BYTES):
+        raise _not_safetensors(
+            f"safetensors header length {header_len} exceeds the payload ({len(raw)} bytes)"
+        )
+    try:
+        header = json.loads(raw[8 : 8 + header_len])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _not_safetensors(f"safetensors header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise _not_safetensors("safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    body = memoryview(raw)[8 + header_len :]
+    entries: list[tuple[int, int, str, np.dtype[Any], tuple[int, ...]]] = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise _not_safetensors(f"safetensors entry {name!r} is not an object")
+        dtype = _NUMPY_OF.get(info.get("dtype"))  # type: ignore[arg-type]
+        shape, offsets = info.get("shape"), info.get("data_offsets")
         if dtype is None:
-            raise TensorFormatError(
-                f"tensor {name!r} has dtype {view['dtype']} edgefed cannot read"
+            raise _not_safetensors(
+                f"tensor {name!r} has dtype {info.get('dtype')!r} edgefed cannot read"
             )
-        arrays[name] = np.frombuffer(view["data"], dtype=dtype).reshape(view["shape"])
-    return arrays
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise _not_safetensors(f"tensor {name!r} has an invalid shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise _not_safetensors(f"tensor {name!r} has invalid data offsets {offsets!r}")
+        entries.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    arrays: dict[str, Array] = {}
+    position = 0
+    for begin, end, name, dtype, shape in entries:
+        count = math.prod(shape)
+        if begin != position or end - begin != count * dtype.itemsize:
+            raise _not_safetensors(
+                f"tensor {name!r}: data offsets [{begin}, {end}] do not match its shape "
+                f"{list(shape)} and dtype, or overlap or leave a gap"
+            )
+        if end > len(body):
+            raise _not_safetensors(f"tensor {name!r} runs past the end of the payload (truncated)")
+        arrays[name] = np.frombuffer(body, dtype=dtype, count=count, offset=begin).reshape(shape)
+        position = end
+    if position != len(body):
+        raise _not_safetensors(
+            f"safetensors data section has {len(body) - position} bytes no tensor accounts for"
+        )
+    return arrays, meta
 
 
 def wire_size(tensors: Mapping[str, Array], compression: Compression = Compression.NONE) -> int:
@@ -306,13 +366,7 @@ def decode_tensors(
     raw = bytes(data)
     if not raw:
         raise TensorFormatError("tensor payload is empty")
-    try:
-        stored = _load(raw)
-        header_len = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8 : 8 + header_len])
-    except (safetensors.SafetensorError, ValueError, TypeError, KeyError) as exc:
-        raise TensorFormatError(f"tensor payload is not valid safetensors: {exc}") from exc
-    meta = header.get("__metadata__") or {}
+    stored, meta = _load(raw)
     if not isinstance(meta, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
     ):
@@ -342,7 +396,7 @@ def decode_tensors(
             if name not in used_scales:
                 raise TensorFormatError(f"unexpected reserved tensor {name!r} in payload")
         elif name not in tensors:
-            tensors[name] = array.copy()
+            tensors[name] = array
     return DecodedTensors(tensors=dict(sorted(tensors.items())), metadata=user)
 
 
@@ -350,7 +404,7 @@ def _plain(stored: Mapping[str, Array]) -> dict[str, Array]:
     for name in stored:
         if name.startswith(RESERVED_NAME_PREFIX):
             raise TensorFormatError(f"reserved tensor {name!r} in a payload without {FORMAT_KEY!r}")
-    return {name: stored[name].copy() for name in sorted(stored)}
+    return {name: stored[name] for name in sorted(stored)}
 
 
 def _restore(name: str, text: str, stored: Mapping[str, Array], used_scales: set[str]) -> Array:
@@ -378,7 +432,7 @@ def _restore(name: str, text: str, stored: Mapping[str, Array], used_scales: set
             raise TensorFormatError(
                 f"tensor {name!r} is stored as {array.dtype} but metadata says {dtype}"
             )
-        return array.copy()
+        return array
     if dtype not in _FLOAT_DTYPES:
         raise TensorFormatError(
             f"tensor {name!r} uses codec {codec} for non-floating dtype {dtype!r}"

@@ -17,9 +17,10 @@ from edgefed.common.topics import Topics
 
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No EDGEFED_* variable of the developer's shell leaks into a test."""
+    """No EDGEFED_* setting of the developer's shell leaks into a test (EDGEFED_TEST_* are the
+    suite's own switches, e.g. EDGEFED_TEST_POSTGRES_URL)."""
     for name in list(os.environ):
-        if name.startswith("EDGEFED_"):
+        if name.startswith("EDGEFED_") and not name.startswith("EDGEFED_TEST_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
