@@ -176,6 +176,68 @@ async def test_qos1_message_sent_while_subscriber_is_away_arrives_after_it_retur
     assert msg.payload == b"while you were away"
 
 
+async def test_a_message_whose_handler_dies_with_the_process_is_delivered_again(
+    broker: PrivateBroker, settings: Settings, fleet: str, topics: Topics
+) -> None:
+    topic = topics.commands("a1")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(Path(__file__).parent / "procs" / "stuck_subscriber.py"),
+        broker.url,
+        fleet,
+        "worker-1",
+        topic,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        assert (await asyncio.wait_for(proc.stdout.readline(), 30)).strip() == b"READY"
+        async with client(settings, "sender") as pub:
+            await pub.publish(topic, b"do the work")
+        assert (await asyncio.wait_for(proc.stdout.readline(), 10)).strip() == b"GOT do the work"
+        proc.kill()  # the handler never finished: the message was never acknowledged
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+    again: asyncio.Queue[Message] = asyncio.Queue()
+
+    async def on_message(msg: Message) -> None:
+        await again.put(msg)
+
+    async with client(settings, "worker-1") as worker:
+        await worker.subscribe(topic, on_message)
+        msg = await asyncio.wait_for(again.get(), 10)
+    assert msg.payload == b"do the work"
+    assert msg.dup
+
+
+async def test_a_handler_that_raises_still_acknowledges_so_the_message_does_not_loop(
+    settings: Settings, topics: Topics
+) -> None:
+    topic = topics.commands("a1")
+    seen: list[bytes] = []
+
+    async def fragile(msg: Message) -> None:
+        seen.append(msg.payload)
+        if msg.payload == b"poison":
+            raise RuntimeError("cannot handle this one")
+
+    async with client(settings, "worker-2") as worker, client(settings, "sender") as pub:
+        await worker.subscribe(topic, fragile)
+        await pub.publish(topic, b"poison")
+        await pub.publish(topic, b"fine")
+        for _ in range(50):
+            if len(seen) == 2:
+                break
+            await asyncio.sleep(0.05)
+    async with client(settings, "worker-2") as worker:
+        await worker.subscribe(topic, fragile)
+        await asyncio.sleep(0.5)
+    assert seen == [b"poison", b"fine"]
+
+
 async def test_client_reconnects_by_itself_after_the_broker_is_killed_and_restarted(
     own_broker: PrivateBroker, fleet: str, topics: Topics
 ) -> None:
