@@ -409,6 +409,14 @@ class MqttClient:
         self._connect_hooks.append(hook)
 
     @property
+    def tcp_nodelay(self) -> bool | None:
+        """Whether Nagle's algorithm is off on the current socket (``None`` when not connected)."""
+        sock = self._paho.socket() if self._paho is not None else None
+        if not isinstance(sock, socket.socket):
+            return None
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    @property
     def connected(self) -> bool:
         return self._connected is not None and self._connected.is_set()
 

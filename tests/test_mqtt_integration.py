@@ -551,6 +551,22 @@ async def test_connecting_to_a_port_with_no_broker_fails_with_broker_unavailable
             pass
 
 
+async def test_every_connection_turns_nagle_off_including_after_a_reconnect(
+    own_broker: PrivateBroker, fleet: str
+) -> None:
+    settings = fast_settings(own_broker.url, fleet)
+    async with client(settings, "quick") as c:
+        assert c.tcp_nodelay is True
+        own_broker.kill()
+        own_broker.start()
+        for _ in range(200):
+            if c.reconnects >= 1 and c.connected:
+                break
+            await asyncio.sleep(0.05)
+        assert c.reconnects == 1
+        assert c.tcp_nodelay is True
+
+
 async def test_a_closed_client_says_so_when_reused(settings: Settings, topics: Topics) -> None:
     c = client(settings, "short-lived")
     async with c:
