@@ -32,13 +32,14 @@ from edgefed.common.errors import (
     UnsupportedSchemaVersion,
 )
 from edgefed.common.tensors import Compression, decode_tensors, encode_tensors
+from edgefed.common.topics import ID_PATTERN
 
 SCHEMA_VERSION = 1
 JSON_CONTENT_TYPE = "application/json"
 TENSORS_CONTENT_TYPE = "application/vnd.edgefed.tensors+safetensors"
 ENVELOPE_KEY = "envelope"
 
-Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
 NonNegative = Annotated[float, Field(ge=0)]
 
 

@@ -26,9 +26,10 @@ from pydantic_settings import (
 )
 
 from edgefed.common.errors import ConfigError
+from edgefed.common.topics import ID_PATTERN
 
 CONFIG_ENV_VAR = "EDGEFED_CONFIG"
-_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SEGMENT = re.compile(ID_PATTERN)
 
 
 class BrokerAddress(BaseModel):

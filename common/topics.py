@@ -26,7 +26,9 @@ from edgefed.common.errors import ConfigError
 
 ROOT = "edgefed"
 PROTOCOL = "v1"
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+"""What every identifier (fleet, agent, pool, client, model name) looks like: a topic segment."""
+_ID = re.compile(ID_PATTERN)
 
 
 def check_id(value: str, what: str = "identifier") -> str:

@@ -168,16 +168,21 @@ def hash_fd(fd: int, size: int) -> tuple[str, int]:
     return digest.hexdigest(), total
 
 
+def write_all_and_sync(fd: int, data: bytes) -> None:
+    """Write every byte of ``data`` to ``fd`` and flush it to the disk."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
 def write_atomic(root_fd: int, name: str, data: bytes, *, mode: int = 0o644) -> None:
     """Replace ``name`` in the directory ``root_fd`` with ``data`` atomically and durably."""
     tmp = f".{name}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=root_fd)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            write_all_and_sync(fd, data)
         finally:
             os.close(fd)
         os.replace(tmp, name, src_dir_fd=root_fd, dst_dir_fd=root_fd)

@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from edgefed.common.errors import ArtifactRejected, RejectReason
+from edgefed.common.topics import ID_PATTERN
 
 FORMAT_VERSION: Literal[1] = 1
 """The artifact format this module writes and reads."""
@@ -47,7 +48,7 @@ MAX_SEGMENT_BYTES = 255
 UNSAFE_PATH_ERROR = "unsafe_path"
 """Pydantic error type raised for an unsafe file path (mapped to ``RejectReason.UNSAFE_PATH``)."""
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(ID_PATTERN)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 Task = Literal["feature-extraction", "text-classification", "text-generation"]

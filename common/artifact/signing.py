@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from edgefed.common.artifact._files import write_all_and_sync
 from edgefed.common.errors import ArtifactRejected, RejectReason, SigningKeyError
 
 ALGORITHM: Literal["ed25519"] = "ed25519"
@@ -313,10 +314,7 @@ def _write_key_file(path: Path, data: bytes, *, mode: int, overwrite: bool) -> N
     try:
         try:
             os.fchmod(fd, mode)  # the umask may have removed bits; never added any
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            write_all_and_sync(fd, data)
         finally:
             os.close(fd)
         if overwrite:
