@@ -578,6 +578,15 @@ class MqttClient:
     # ------------------------------------------------------------------ connection supervisor
 
     async def _run(self) -> None:
+        try:
+            await self._connection_loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not leave callers waiting on a dead loop
+            log.exception("mqtt %s: the connection loop failed", self.client_id)
+            self._fatal = MessagingError(f"the MQTT connection loop failed: {exc!r}")
+
+    async def _connection_loop(self) -> None:
         attempt = 0
         first = True
         assert self._connected is not None

@@ -204,11 +204,13 @@ class ReplyCache:
         self._entries.pop(key, None)
 
 
-def _request_key(message: WireModel) -> str | None:
+def _request_key(message: WireModel, response_topic: str | None) -> str | None:
+    """Requests are the same when the same requester (reply topic) reuses an id: one client's
+    id never answers another client's request."""
     for attr in ("request_id", "command_id"):
         value = getattr(message, attr, None)
         if isinstance(value, str):
-            return f"{message.KIND}:{value}"
+            return f"{message.KIND}:{response_topic}:{value}"
     return None
 
 
@@ -289,7 +291,7 @@ async def serve(
             )
             return
 
-        key = _request_key(decoded.message)
+        key = _request_key(decoded.message, message.response_topic)
         if key is not None:
             existing = cache.lookup(key)
             if existing is not None:

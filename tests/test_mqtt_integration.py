@@ -432,6 +432,30 @@ async def test_a_repeated_request_id_runs_once_and_both_callers_get_the_reply(
     assert first.message == second.message == third.message
 
 
+async def test_the_same_request_id_from_two_clients_is_two_requests(
+    settings: Settings, topics: Topics
+) -> None:
+    target = topics.agent_infer("a1")
+    async with (
+        client(settings, "server") as srv,
+        client(settings, "alice") as alice,
+        client(settings, "mallory") as mallory,
+    ):
+        await serve(srv, target, echo_handler, expected=InferenceRequest)
+        mine = await Requester(alice, topics).request(
+            target,
+            InferenceRequest(request_id="same-id", model="m", texts=["alice"]),
+            InferenceReply,
+        )
+        theirs = await Requester(mallory, topics).request(
+            target,
+            InferenceRequest(request_id="same-id", model="m", texts=["mallory"]),
+            InferenceReply,
+        )
+    assert mine.message.outputs == {"texts": ["alice"]}
+    assert theirs.message.outputs == {"texts": ["mallory"]}
+
+
 async def test_shared_subscription_spreads_requests_over_a_worker_pool_once_each(
     settings: Settings, topics: Topics
 ) -> None:
