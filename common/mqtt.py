@@ -301,6 +301,8 @@ class MqttClient:
         self._generation = 0
         self._session_present = False
         self._fd: int | None = None
+        self._writer_wanted = False
+        self._writer_armed = False
         self._connack: asyncio.Future[tuple[int, bool]] | None = None
         self._lost: asyncio.Event | None = None
         self._fatal: MessagingError | None = None
@@ -828,19 +830,40 @@ class MqttClient:
     def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         fd = self._fd
         self._fd = None
+        self._writer_wanted = self._writer_armed = False
         if fd is not None and self._loop is not None and not self._loop.is_closed():
             self._in_loop(self._loop.remove_reader, fd)
             self._in_loop(self._loop.remove_writer, fd)
 
+    # Writes: paho asks for a writer whenever it queues a packet. Most packets are written at
+    # once by _flush() (same loop iteration), so the writer is armed one iteration later and
+    # only if paho still has bytes to send (a full socket buffer): no epoll_ctl per publish.
+
     def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._want_writer)
+
+    def _want_writer(self) -> None:
+        if not self._writer_wanted:
+            self._writer_wanted = True
+            assert self._loop is not None
+            self._loop.call_soon(self._arm_writer)
+
+    def _arm_writer(self) -> None:
         fd = self._fd
-        if fd is not None and self._loop is not None:
-            self._in_loop(self._loop.add_writer, fd, self._do_write)
+        if self._writer_wanted and not self._writer_armed and fd is not None and self._loop:
+            self._loop.add_writer(fd, self._do_write)
+            self._writer_armed = True
 
     def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        fd = self._fd
-        if fd is not None and self._loop is not None:
-            self._in_loop(self._loop.remove_writer, fd)
+        self._in_loop(self._unwant_writer)
+
+    def _unwant_writer(self) -> None:
+        self._writer_wanted = False
+        if self._writer_armed:
+            self._writer_armed = False
+            fd = self._fd
+            if fd is not None and self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_writer(fd)
 
     def _do_read(self) -> None:
         client = self._paho
@@ -888,6 +911,7 @@ class MqttClient:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(fd)
                 self._loop.remove_writer(fd)
+        self._writer_wanted = self._writer_armed = False
 
     def _on_log(self, client: paho.Client, userdata: Any, level: int, buf: str) -> None:
         if level == paho.MQTT_LOG_ERR:

@@ -101,6 +101,28 @@ async def test_tensors_travel_with_a_request_and_its_reply(
     np.testing.assert_array_equal(reply.tensors["mask"], mask)
 
 
+async def test_a_payload_larger_than_the_socket_buffer_round_trips_intact(
+    settings: Settings, topics: Topics
+) -> None:
+    blob = np.random.default_rng(1).integers(0, 255, size=5_000_000, dtype=np.uint8)
+
+    async def echo_tensors(req: Decoded[InferenceRequest], msg: Message) -> object:
+        reply = InferenceReply(
+            request_id=req.message.request_id, model="m", version=1, served_by="x"
+        )
+        return encode(reply, req.tensors)
+
+    async with client(settings, "server") as srv, client(settings, "caller") as cli:
+        await serve(srv, topics.agent_infer("big"), echo_tensors, expected=InferenceRequest)  # type: ignore[arg-type]
+        reply = await Requester(cli, topics).request(
+            topics.agent_infer("big"),
+            InferenceRequest(model="m"),
+            InferenceReply,
+            tensors={"blob": blob},
+        )
+    np.testing.assert_array_equal(reply.tensors["blob"], blob)
+
+
 async def test_request_without_reply_before_deadline_raises_timeout(
     settings: Settings, topics: Topics
 ) -> None:
