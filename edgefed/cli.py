@@ -181,6 +181,133 @@ def demo(
     out.print(f"nobody listening:  {report.timeout_error}")
 
 
+# --------------------------------------------------------------------------- compression
+
+
+def _parse_gate(entries: list[str], option: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for entry in entries:
+        metric, sep, value = entry.partition("=")
+        try:
+            if not sep or not metric:
+                raise ValueError
+            out[metric.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(
+                f"{option} {entry!r}: use METRIC=VALUE, e.g. cosine_mean=0.9"
+            ) from None
+    return out
+
+
+@app.command()
+def compress(
+    teacher: Annotated[Path, typer.Argument(help="Local Hugging Face model directory.")],
+    task: Annotated[
+        str, typer.Option(help="feature-extraction, text-classification or text-generation.")
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Artifact store (artifacts go to OUT/NAME/vN/TARGET).")
+    ],
+    target: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Device target (repeatable): fp32, x86-avx2, x86-avx512-vnni, arm64, "
+            "static-int8, gpu-fp16."
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Text file, JSONL or datasets dir; built-in corpus if unset."),
+    ] = None,
+    layers: Annotated[
+        str | None, typer.Option(help="Teacher layers the student keeps, e.g. 0,2,5.")
+    ] = None,
+    depth: Annotated[int | None, typer.Option(min=1, help="Student depth (even spread).")] = None,
+    distill: Annotated[
+        bool, typer.Option(help="Distil a student (off: export the teacher).")
+    ] = True,
+    max_steps: Annotated[int, typer.Option(min=0, help="Distillation steps at most.")] = 1000,
+    time_budget: Annotated[
+        float | None, typer.Option(help="Distillation time budget in seconds.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    max_length: Annotated[int, typer.Option(min=8, help="Tokens per training text.")] = 64,
+    max_examples: Annotated[int | None, typer.Option(min=2, help="Use at most N texts.")] = None,
+    seed: int = 0,
+    name: Annotated[
+        str | None, typer.Option(help="Artifact name (default: teacher dir name).")
+    ] = None,
+    version: Annotated[int | None, typer.Option(min=1, help="Version (default: next).")] = None,
+    signing_key: Annotated[
+        Path | None, typer.Option(help="Ed25519 key (default: OUT/signing.key, made if missing).")
+    ] = None,
+    gate_min: Annotated[
+        list[str] | None, typer.Option("--min", help="Gate minimum METRIC=VALUE (repeatable).")
+    ] = None,
+    gate_max: Annotated[
+        list[str] | None, typer.Option("--max", help="Gate maximum METRIC=VALUE (repeatable).")
+    ] = None,
+) -> None:
+    """Distil, export, quantize per target, validate, gate and publish signed artifacts."""
+    from pydantic import ValidationError
+
+    from edgefed.cloud.compress import cli_view
+    from edgefed.cloud.compress.config import (
+        CompressConfig,
+        DistillSettings,
+        GateThresholds,
+        StudentSpec,
+    )
+    from edgefed.cloud.compress.pipeline import compress as run_compress
+
+    _settings()
+    try:
+        student = StudentSpec(
+            layers=tuple(int(x) for x in layers.split(",")) if layers else None, depth=depth
+        )
+        gate = None
+        if gate_min or gate_max:
+            gate = GateThresholds(
+                minimums=_parse_gate(gate_min or [], "--min"),
+                maximums=_parse_gate(gate_max or [], "--max"),
+            )
+        config = CompressConfig(
+            teacher_dir=teacher,
+            task=task,
+            targets=tuple(target or ["x86-avx2"]),
+            out_dir=out_dir,
+            name=name,
+            version=version,
+            data=data,
+            max_examples=max_examples,
+            student=student,
+            distill=DistillSettings(
+                enabled=distill,
+                max_steps=max_steps,
+                time_budget_s=time_budget,
+                batch_size=batch_size,
+                max_length=max_length,
+                seed=seed,
+            ),
+            gate=gate,
+            signing_key=signing_key,
+        )
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        detail = (
+            "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in exc.errors()
+            )
+            if isinstance(exc, ValidationError)
+            else str(exc)
+        )
+        raise ConfigError(f"invalid compress options: {detail}") from None
+    with cli_view.Progress(out) as view:
+        result = run_compress(config, on_step=view.step, on_distill=view.distill)
+    cli_view.print_report(out, result)
+    if not result.all_published:
+        raise typer.Exit(65)
+
+
 # --------------------------------------------------------------------------- artifacts
 
 
