@@ -71,16 +71,16 @@ class Progress:
 
 
 def print_report(console: Console, result: CompressResult) -> None:
-    table = Table(title=f"{result.name} v{result.version} ({result.task})")
+    table = Table(title=f"{result.name} v{result.version} ({result.task})", show_lines=True)
     table.add_column("target")
     table.add_column("status")
-    table.add_column("quality vs teacher")
+    table.add_column("quality vs teacher", no_wrap=True)
     table.add_column("b1 ms (x teacher)", justify="right")
     table.add_column("b32 ms (x teacher)", justify="right")
     table.add_column("size MB", justify="right")
     for t in result.targets:
         r = t.report
-        quality = ", ".join(f"{k} {v:.4f}" for k, v in r.quality.items())
+        quality = "\n".join(f"{k} {v:.4f}" for k, v in r.quality.items())
         lat = r.latency
         status = "[green]published[/green]" if t.published else "[red]refused[/red]"
         table.add_row(
@@ -99,6 +99,6 @@ def print_report(console: Console, result: CompressResult) -> None:
         if t.artifact_dir is not None:
             console.print(f"{t.target}: {t.artifact_dir}")
         if t.rejected is not None:
-            console.print(f"[red]{t.target}: {t.rejected.message}[/red]")
+            console.print(f"[red]{t.rejected.message}[/red]")
     if result.signing_key_file is not None:
         console.print(f"signed with {result.signing_key_file}")

@@ -685,7 +685,11 @@ class _Run:
             if self.progress is not None:
                 self.progress(
                     DistillProgress(
-                        self.state.step, settings.max_steps, loss, holdout, self._elapsed()
+                        self.state.step,
+                        self._expected_total_steps(),
+                        loss,
+                        holdout,
+                        self._elapsed(),
                     )
                 )
             if self.state.bad_evals >= settings.patience:
@@ -712,12 +716,41 @@ class _Run:
         self.optimizer.step()
         self.scheduler.step()
         self.state.step += 1
+        if self.settings.time_budget_s is not None:
+            self._follow_time_budget()
         self.state.loss_sum += value
         self.state.loss_count += 1
         return value
 
     def _elapsed(self) -> float:
         return time.monotonic() - self.started
+
+    def _progress_fraction(self) -> float:
+        """How far the run is: by steps, or by time when a budget is set (whichever is further)."""
+        settings = self.settings
+        fraction = self.state.step / max(1, settings.max_steps)
+        if settings.time_budget_s is not None:
+            fraction = max(fraction, self._elapsed() / settings.time_budget_s)
+        return min(1.0, fraction)
+
+    def _follow_time_budget(self) -> None:
+        """With a time budget, warm-up and decay follow the budget, not ``max_steps`` (which is
+        then only a cap): a run stopped by its budget ends with a decayed learning rate. Such a
+        schedule depends on the machine's speed, so time-budgeted runs are not bit-reproducible.
+        """
+        fraction = self._progress_fraction()
+        warm = self.settings.warmup_ratio
+        factor = fraction / warm if fraction < warm else max(0.0, (1 - fraction) / (1 - warm))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.settings.learning_rate * factor
+
+    def _expected_total_steps(self) -> int:
+        """``max_steps``, or with a time budget the steps the budget will allow at this pace."""
+        settings = self.settings
+        if settings.time_budget_s is None or self.state.step == 0:
+            return settings.max_steps
+        pace = self._elapsed() / self.state.step
+        return max(self.state.step, min(settings.max_steps, round(settings.time_budget_s / pace)))
 
     # ---- evaluation
 

@@ -112,7 +112,7 @@ def export_onnx(model_dir: Path, out_dir: Path, task: Task, *, opset: int = 18) 
     for stale in ("model.onnx", "model.onnx_data"):
         (out_dir / stale).unlink(missing_ok=True)
 
-    log.info("exporting %s (%s) to ONNX opset %d in %s", model_dir, optimum_task, opset, out_dir)
+    log.debug("exporting %s (%s) to ONNX opset %d in %s", model_dir, optimum_task, opset, out_dir)
     try:
         from optimum.exporters.onnx import main_export  # type: ignore[import-untyped]
 
@@ -219,7 +219,7 @@ def check_parity(
         f"{cos_min:.6f} (min {min_cosine:g}) over {a.shape[0]} rows of {len(texts)} texts: "
         f"{'passed' if passed else 'FAILED'}"
     )
-    log.info("parity %s", detail)
+    log.debug("parity %s", detail)
     return ParityReport(max_abs_diff=max_abs, cosine_min=cos_min, passed=passed, detail=detail)
 
 

@@ -216,7 +216,7 @@ def compress(
             check_gate(report, config.gate_for_task())
         except QualityGateError as exc:
             target_result.rejected = exc
-            step(f"{profile.name}: refused by the quality gate: {exc.message}")
+            step(f"refused by the quality gate: {exc.message}")
             continue
         target_result.artifact_dir, target_result.manifest = publish(
             qdir,

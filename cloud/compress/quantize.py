@@ -397,7 +397,7 @@ def quantize(
     for stale in out_dir.glob("model*.onnx*"):
         stale.unlink()
 
-    log.info("preparing %s for target %s (%s)", model_file, target.name, target.scheme)
+    log.debug("preparing %s for target %s (%s)", model_file, target.name, target.scheme)
     try:
         with _quiet_ort_quantization():
             if target.scheme == "none":
@@ -419,7 +419,7 @@ def quantize(
         raise QuantizationError(
             f"target {target.name!r} ({target.scheme}) failed: {type(exc).__name__}: {exc}"
         ) from exc
-    log.info(
+    log.debug(
         "target %s: %s (%.1f MB)",
         target.name,
         out_dir / MODEL_FILE,
