@@ -6,6 +6,7 @@ import importlib.metadata
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import NormalizedName, canonicalize_name
@@ -87,3 +88,16 @@ def test_console_script_edgefed_is_installed() -> None:
 
     assert entry is not None
     assert entry.value == "edgefed.cli:main"
+
+
+def test_every_source_folder_is_a_package_so_wheels_include_it() -> None:
+    root = Path(__file__).resolve().parent.parent
+    missing = [
+        str(folder.relative_to(root))
+        for top in ("common", "cloud", "edge", "simulation")
+        for folder in [root / top, *(p for p in (root / top).rglob("*") if p.is_dir())]
+        if "__pycache__" not in folder.parts
+        and any(folder.glob("*.py"))
+        and not (folder / "__init__.py").exists()
+    ]
+    assert missing == [], f"folders without __init__.py (left out of the wheel): {missing}"
