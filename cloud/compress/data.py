@@ -223,6 +223,38 @@ def default_corpus(max_sentences: int | None = None) -> list[str]:
     return list(sentences if max_sentences is None else sentences[:max_sentences])
 
 
+def package_corpus(packages: Sequence[str], max_sentences: int | None = None) -> list[str]:
+    """More offline English: sentences from the docstrings in the source files of installed
+    packages (read with ``ast``, never imported; test folders skipped), package by package in
+    the order given, files in sorted order, de-duplicated. Missing packages are skipped. How
+    much text this yields depends on what is installed, so it is not the default corpus."""
+    out: dict[str, None] = {}
+    for name in packages:
+        for sentence in _sentences(_package_paragraphs(name)):
+            out[sentence] = None
+            if max_sentences is not None and len(out) >= max_sentences:
+                return list(out)
+    return list(out)
+
+
+def _package_paragraphs(package: str) -> Iterator[str]:
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return
+    if spec is None or spec.origin is None or spec.submodule_search_locations is None:
+        return
+    root = Path(spec.origin).parent
+    for path in sorted(root.rglob("*.py")):
+        if any(part in ("tests", "test", "testing") for part in path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        yield from _source_paragraphs(tree)
+
+
 def _corpus_paragraphs() -> Iterator[str]:
     """Prose paragraphs: pydoc topics first (sorted by topic), then docstrings module by module."""
     from pydoc_data.topics import topics

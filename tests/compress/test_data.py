@@ -217,3 +217,16 @@ def test_split_holdout_keeps_one_on_each_side() -> None:
         split_holdout([Example("a")], 0.5, seed=0)
     with pytest.raises(DataError, match="between 0 and 1"):
         split_holdout(two, 1.0, seed=0)
+
+
+def test_package_corpus_reads_installed_packages_docstrings_without_importing_them() -> None:
+    import sys
+
+    from edgefed.cloud.compress.data import package_corpus
+
+    before = set(sys.modules)
+    first = package_corpus(["email", "not_a_real_package_xyz"], max_sentences=50)
+    assert 0 < len(first) <= 50
+    assert first == package_corpus(["email"], max_sentences=50)
+    assert all(5 <= len(s.split()) <= 40 for s in first)
+    assert not {m for m in set(sys.modules) - before if m.startswith("email.")}
