@@ -658,3 +658,26 @@ def test_loading_an_rsa_key_raises_signing_key_error(tmp_path: Path) -> None:
 
 def test_signing_key_repr_does_not_show_the_secret(key: SigningKey) -> None:
     assert repr(key) == f"SigningKey(key_id={key.key_id!r})"
+
+
+def test_verify_manifest_checks_signature_and_version_from_bytes_alone(
+    built: Path, key: SigningKey
+) -> None:
+    from edgefed.common.artifact import verify_manifest
+
+    manifest_bytes = (built / "manifest.json").read_bytes()
+    signature_bytes = (built / "manifest.sig").read_bytes()
+    manifest = verify_manifest(manifest_bytes, signature_bytes, key.verify_key, min_version=1)
+    assert manifest.version >= 1
+    stranger = SigningKey.generate().verify_key
+    with pytest.raises(ArtifactRejected) as untrusted:
+        verify_manifest(manifest_bytes, signature_bytes, stranger)
+    assert untrusted.value.reason is RejectReason.UNTRUSTED_SIGNER
+    with pytest.raises(ArtifactRejected) as too_low:
+        verify_manifest(manifest_bytes, signature_bytes, key.verify_key, min_version=999)
+    assert too_low.value.reason is RejectReason.VERSION_TOO_LOW
+    with pytest.raises(ArtifactRejected) as edited:
+        verify_manifest(
+            manifest_bytes.replace(b'"version"', b'"version" '), signature_bytes, key.verify_key
+        )
+    assert edited.value.reason is RejectReason.BAD_SIGNATURE

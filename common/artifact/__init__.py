@@ -29,7 +29,7 @@ from edgefed.common.artifact.signing import (
     load_verify_key,
     sign_bytes,
 )
-from edgefed.common.artifact.verify import verify
+from edgefed.common.artifact.verify import verify, verify_manifest
 
 __all__ = [
     "FORMAT_VERSION",
@@ -54,5 +54,6 @@ __all__ = [
     "sign_manifest",
     "unsafe_path_problem",
     "verify",
+    "verify_manifest",
     "write_artifact",
 ]

@@ -70,38 +70,71 @@ def verify(
             missing=RejectReason.MISSING_SIGNATURE,
             too_big=RejectReason.BAD_SIGNATURE,
         )
-        signature = SignatureFile.parse(signature_bytes)
-        key = keys.get(signature.key_id)
-        if key is None:
-            trusted = ", ".join(sorted(keys)) or "none"
-            raise ArtifactRejected(
-                RejectReason.UNTRUSTED_SIGNER,
-                f"signed by key {signature.key_id}, which is not trusted (trusted: {trusted})",
-            )
-        if not key.verify(signature.signature_bytes, manifest_bytes):
-            raise ArtifactRejected(
-                RejectReason.BAD_SIGNATURE,
-                f"signature of {MANIFEST_NAME} by key {signature.key_id} does not verify",
-            )
-
-        manifest = parse_manifest(manifest_bytes)
-        if manifest.key_id != signature.key_id:
-            raise ArtifactRejected(
-                RejectReason.UNTRUSTED_SIGNER,
-                f"manifest names key {manifest.key_id} but is signed by key {signature.key_id}",
-            )
-        if manifest.version < min_version:
-            raise ArtifactRejected(
-                RejectReason.VERSION_TOO_LOW,
-                f"{manifest.name} version {manifest.version} is lower than {min_version}",
-            )
-        _check_limits(manifest, limits)
+        manifest = verify_manifest(
+            manifest_bytes, signature_bytes, keys.values(), min_version=min_version, limits=limits
+        )
         _check_tree(root_fd, manifest)
         for entry in sorted(manifest.files, key=lambda e: e.path):
             _check_content(root_fd, entry.path, entry.size, entry.sha256)
         return manifest
     finally:
         os.close(root_fd)
+
+
+def verify_manifest(
+    manifest_bytes: bytes,
+    signature_bytes: bytes,
+    trusted_keys: VerifyKey | Iterable[VerifyKey],
+    *,
+    min_version: int = 0,
+    limits: ArtifactSettings | None = None,
+) -> Manifest:
+    """Steps 2-6 of :func:`verify` on the bytes of ``manifest.json`` and ``manifest.sig``:
+    signature by a trusted key, manifest well formed, version, declared sizes.
+
+    A downloader calls this before fetching any model file, so an untrusted, replayed or
+    oversized artifact costs two small requests; :func:`verify` on the finished directory
+    then checks the files themselves.
+    """
+    limits = limits if limits is not None else ArtifactSettings()
+    keys = _key_table(trusted_keys)
+    if len(manifest_bytes) > MAX_MANIFEST_BYTES:
+        raise ArtifactRejected(
+            RejectReason.OVERSIZED,
+            f"{MANIFEST_NAME} is {len(manifest_bytes)} bytes, more than {MAX_MANIFEST_BYTES}",
+        )
+    if len(signature_bytes) > MAX_SIGNATURE_FILE_BYTES:
+        raise ArtifactRejected(
+            RejectReason.BAD_SIGNATURE,
+            f"{SIGNATURE_NAME} is {len(signature_bytes)} bytes, more than "
+            f"{MAX_SIGNATURE_FILE_BYTES}",
+        )
+    signature = SignatureFile.parse(signature_bytes)
+    key = keys.get(signature.key_id)
+    if key is None:
+        trusted = ", ".join(sorted(keys)) or "none"
+        raise ArtifactRejected(
+            RejectReason.UNTRUSTED_SIGNER,
+            f"signed by key {signature.key_id}, which is not trusted (trusted: {trusted})",
+        )
+    if not key.verify(signature.signature_bytes, manifest_bytes):
+        raise ArtifactRejected(
+            RejectReason.BAD_SIGNATURE,
+            f"signature of {MANIFEST_NAME} by key {signature.key_id} does not verify",
+        )
+    manifest = parse_manifest(manifest_bytes)
+    if manifest.key_id != signature.key_id:
+        raise ArtifactRejected(
+            RejectReason.UNTRUSTED_SIGNER,
+            f"manifest names key {manifest.key_id} but is signed by key {signature.key_id}",
+        )
+    if manifest.version < min_version:
+        raise ArtifactRejected(
+            RejectReason.VERSION_TOO_LOW,
+            f"{manifest.name} version {manifest.version} is lower than {min_version}",
+        )
+    _check_limits(manifest, limits)
+    return manifest
 
 
 def _key_table(trusted_keys: VerifyKey | Iterable[VerifyKey]) -> dict[str, VerifyKey]:
