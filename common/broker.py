@@ -226,7 +226,32 @@ class PrivateBroker:
 
     # ------------------------------------------------------------------ internals
 
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "mosquitto.pid"
+
+    def _reap_leftover(self, conf: Path) -> None:
+        """Stop a mosquitto that an earlier owner of this data directory left running (its
+        owner was killed before it could stop it), so that its port is free again."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return
+        if str(conf).encode() not in cmdline:
+            return  # the pid was reused by an unrelated process
+        log.warning("stopping mosquitto %d left running by an earlier owner of %s", pid, conf)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not Path(f"/proc/{pid}").exists():
+                return
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
     def _spawn(self) -> None:
+        self._reap_leftover(self.data_dir / "mosquitto.conf")
         # Another process listening on the port would accept our readiness probe while mosquitto
         # fails to bind, so a taken port must be detected before spawning, not after.
         _check_port_free(self.host, self.port)
@@ -239,6 +264,7 @@ class PrivateBroker:
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
+        self.pid_file.write_text(f"{self._proc.pid}\n")
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

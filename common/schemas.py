@@ -170,6 +170,11 @@ class DesiredModel(BaseModel):
     role: Literal["full", "head", "tail"] = "full"
     split_point: int | None = Field(default=None, ge=0)
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+    """Execution providers in order of preference; the agent uses those it has."""
+    max_batch_size: int = Field(default=8, ge=1, le=1024)
+    """Micro-batching: requests run together at most."""
+    max_batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    """Micro-batching: how long the first request of a batch may wait for company."""
 
 
 class DesiredState(WireModel):

@@ -34,6 +34,27 @@ app = typer.Typer(
 )
 artifact_app = typer.Typer(help="Build, sign and verify model artifacts.", no_args_is_help=True)
 app.add_typer(artifact_app, name="artifact")
+edge_app = typer.Typer(help="The edge agent: join a fleet, run, install as a service.")
+app.add_typer(edge_app, name="edge", no_args_is_help=True)
+
+
+def _default_state_dir() -> Path:
+    import os
+
+    if os.geteuid() == 0:
+        return Path("/var/lib/edgefed")
+    return Path.home() / ".local" / "state" / "edgefed"
+
+
+StateDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        envvar="EDGEFED_STATE_DIR",
+        help="Agent state: config, models, outbox (default /var/lib/edgefed as root, "
+        "~/.local/state/edgefed otherwise).",
+    ),
+]
 
 out = Console()
 err = Console(stderr=True)
@@ -306,6 +327,85 @@ def compress(
     cli_view.print_report(out, result)
     if not result.all_published:
         raise typer.Exit(65)
+
+
+# --------------------------------------------------------------------------- edge agent
+
+
+def _labels(entries: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for entry in entries:
+        key, sep, value = entry.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--label {entry!r}: use KEY=VALUE, e.g. site=plant-3")
+        out[key] = value
+    return out
+
+
+@edge_app.command("join")
+def edge_join(
+    controller: Annotated[str, typer.Option(help="Controller URL, e.g. https://ctl:8443.")],
+    token: Annotated[str, typer.Option(help="Single-use join token from the controller.")],
+    state_dir: StateDirOption = None,
+    label: Annotated[
+        list[str] | None, typer.Option(help="Label KEY=VALUE (repeatable), e.g. site=plant-3.")
+    ] = None,
+    device_profile: Annotated[
+        str | None, typer.Option(help="Device profile, e.g. jetson-orin-nano.")
+    ] = None,
+) -> None:
+    """Enrol this device with the controller and write the agent's configuration."""
+    from edgefed.edge.join import join
+
+    _settings()
+    config = join(
+        controller,
+        token,
+        state_dir or _default_state_dir(),
+        labels=_labels(label or []),
+        device_profile=device_profile,
+    )
+    out.print(
+        f"[green]joined[/green] fleet {config.fleet} as {config.agent_id}; "
+        f"config in {config.state_dir / 'agent.json'}"
+    )
+    out.print("  start it with: edgefed edge run" + _state_dir_hint(state_dir))
+
+
+def _state_dir_hint(state_dir: Path | None) -> str:
+    return f" --state-dir {state_dir}" if state_dir else ""
+
+
+@edge_app.command("run")
+def edge_run(state_dir: StateDirOption = None) -> None:
+    """Run the agent until SIGINT/SIGTERM."""
+    from edgefed.edge.agent import run_agent
+    from edgefed.edge.config import AgentConfig
+
+    settings = _settings()
+    config = AgentConfig.load(state_dir or _default_state_dir())
+    asyncio.run(run_agent(config, settings))
+
+
+@edge_app.command("install-service")
+def edge_install_service(
+    state_dir: StateDirOption = None,
+    user: Annotated[str | None, typer.Option(help="Run the agent as this user.")] = None,
+    output: Annotated[Path, typer.Option(help="Where to write the unit.")] = Path(
+        "/etc/systemd/system/edgefed-agent.service"
+    ),
+) -> None:
+    """Write a systemd unit that runs `edgefed edge run` and restarts it."""
+    from edgefed.edge.config import AgentConfig
+    from edgefed.edge.service import render_unit, write_unit
+
+    directory = (state_dir or _default_state_dir()).resolve()
+    config = AgentConfig.load(directory)
+    path = write_unit(render_unit(agent_id=config.agent_id, state_dir=directory, user=user), output)
+    out.print(
+        f"wrote {path}; enable it with: systemctl daemon-reload && "
+        f"systemctl enable --now {path.stem}"
+    )
 
 
 # --------------------------------------------------------------------------- artifacts

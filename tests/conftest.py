@@ -62,6 +62,19 @@ def settings(broker: PrivateBroker, fleet: str) -> Settings:
     return fast_settings(broker.url, fleet)
 
 
+async def wait_broker_saved(b: PrivateBroker, stamp: float) -> None:
+    """Wait until a broker with persistence has written its sessions after ``stamp`` (it saves
+    every second), so that killing it does not lose what happened before."""
+    import asyncio
+
+    db = b.data_dir / "mosquitto.db"
+    for _ in range(100):
+        if db.exists() and db.stat().st_mtime > stamp:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("mosquitto did not save its sessions within 10 s")
+
+
 @pytest.fixture
 def own_broker(tmp_path: Path) -> Iterator[PrivateBroker]:
     """A broker of this test's own, for tests that kill or restart it."""

@@ -138,3 +138,33 @@ def test_broker_without_fixed_port_skips_a_port_taken_in_the_meantime(
     with PrivateBroker(data_dir=tmp_path) as broker:
         assert broker.port != held_port
         assert connects("127.0.0.1", broker.port)
+
+
+@pytest.mark.integration
+def test_a_broker_left_running_by_a_killed_owner_is_stopped_when_the_data_dir_is_reused(
+    tmp_path: Path,
+) -> None:
+    import signal as _signal
+    import subprocess as _subprocess
+    import sys as _sys
+
+    from edgefed.common.broker import PrivateBroker, free_port
+
+    port = free_port()
+    script = (
+        "import sys, time; from pathlib import Path;"
+        "from edgefed.common.broker import PrivateBroker;"
+        f"b = PrivateBroker(port={port}, data_dir=Path({str(tmp_path)!r})); b.start();"
+        "print('UP', flush=True); time.sleep(60)"
+    )
+    owner = _subprocess.Popen([_sys.executable, "-c", script], stdout=_subprocess.PIPE)
+    assert owner.stdout is not None
+    assert owner.stdout.readline().strip() == b"UP"
+    owner.send_signal(_signal.SIGKILL)  # the owner dies; its mosquitto does not
+    owner.wait()
+    orphan = int((tmp_path / "mosquitto.pid").read_text())
+
+    with PrivateBroker(port=port, data_dir=tmp_path) as again:
+        assert again.running
+        assert again.pid != orphan
+    assert not Path(f"/proc/{orphan}").exists()

@@ -40,7 +40,7 @@ from edgefed.common.settings import Settings
 from edgefed.common.tensors import Compression
 from edgefed.common.topics import Topics
 
-from .conftest import fast_settings
+from .conftest import fast_settings, wait_broker_saved
 
 pytestmark = pytest.mark.integration
 
@@ -300,7 +300,7 @@ async def test_messages_queued_while_the_broker_is_down_are_sent_after_it_return
         settings = fast_settings(b.url, fleet)
         async with client(settings, "collector") as sub, client(settings, "sender") as pub:
             await sub.subscribe(topic, on_message)
-            await _broker_saved_after(b, time.time())
+            await wait_broker_saved(b, time.time())
             b.kill()
             await asyncio.sleep(0.2)
             for i in range(5):
@@ -308,16 +308,6 @@ async def test_messages_queued_while_the_broker_is_down_are_sent_after_it_return
             b.start()
             received = [await asyncio.wait_for(got.get(), 10) for _ in range(5)]
     assert sorted(m.payload for m in received) == [f"queued {i}".encode() for i in range(5)]
-
-
-async def _broker_saved_after(b: PrivateBroker, stamp: float) -> None:
-    """Wait until mosquitto has written its persistence file after ``stamp`` (autosave 1 s)."""
-    db = b.data_dir / "mosquitto.db"
-    for _ in range(100):
-        if db.exists() and db.stat().st_mtime > stamp:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("mosquitto did not save its sessions within 10 s")
 
 
 async def test_last_will_marks_a_killed_client_offline(

@@ -1,0 +1,421 @@
+"""The edge agent: restore installed models, then serve, reconcile and report, on two links.
+
+Start-up order matters for autonomy: the installed models are verified and loaded from disk
+before any network, then the local endpoint (a broker on the device) starts serving, and only
+then does the agent reach for the cloud broker, which may be down for as long as it likes.
+
+* cloud link: retained ``online`` status (re-published on every reconnect) backed by a last will
+  that says ``offline``; the retained desired state; inference requests from the cloud;
+  heartbeats (when connected); telemetry from the on-disk outbox;
+* local link: the same inference topic, for applications on the device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from edgefed import __version__
+from edgefed.common.artifact import Manifest, VerifyKey
+from edgefed.common.broker import PrivateBroker
+from edgefed.common.errors import PayloadError
+from edgefed.common.mqtt import Message, MqttClient, Will
+from edgefed.common.rpc import ReplyCache, serve
+from edgefed.common.schemas import (
+    AgentState,
+    AgentStatus,
+    DesiredModel,
+    DesiredState,
+    Heartbeat,
+    InferenceRequest,
+    Telemetry,
+    TelemetryRecord,
+    decode,
+)
+from edgefed.common.settings import BrokerAddress, Settings
+from edgefed.common.topics import Topics
+from edgefed.edge.config import AgentConfig
+from edgefed.edge.fetch import ArtifactFetcher
+from edgefed.edge.metrics import AgentMetrics
+from edgefed.edge.reconcile import ModelEvent, Reconciler
+from edgefed.edge.runtime import EdgeModel
+from edgefed.edge.serving import Batcher, InferenceService, ModelTable
+from edgefed.edge.store import ModelStore
+from edgefed.edge.telemetry import LatencyWindow, Outbox, drain_outbox, sample_resources
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    """One agent process. ``await Agent(config, settings).run(stop)`` until ``stop`` is set."""
+
+    def __init__(self, config: AgentConfig, settings: Settings) -> None:
+        self.config = config
+        self.settings = settings
+        self.topics = Topics(config.fleet)
+        self.metrics = AgentMetrics()
+        self.latency = LatencyWindow()
+        self.store = ModelStore(config.state_dir)
+        self.table = ModelTable()
+        self.outbox = Outbox(
+            config.state_dir / "outbox.sqlite", max_messages=config.outbox_max_messages
+        )
+        self.batcher = Batcher(max_queue=config.max_queue, metrics=self.metrics)
+        self.service = InferenceService(
+            self.table,
+            self.batcher,
+            agent_id=config.agent_id,
+            metrics=self.metrics,
+            on_latency=self._served,
+        )
+        self._served_since: dict[str, int] = {}
+        self.keys = [VerifyKey.from_base64(k) for k in config.trusted_keys]
+        self._telemetry_seq = 0
+        self._heartbeat_seq = 0
+        self._desired: asyncio.Queue[DesiredState] = asyncio.Queue()
+        self._fetcher: ArtifactFetcher | None = None
+        self.local_broker: PrivateBroker | None = None
+        self.local_url: str | None = None
+        self.cloud: MqttClient | None = None
+        self.local: MqttClient | None = None
+        self.metrics_port: int | None = None
+        self.ready = asyncio.Event()
+        """Set once installed models are loaded and the local endpoint serves."""
+
+    # ------------------------------------------------------------------ pieces
+
+    def _served(self, model: str, seconds: float) -> None:
+        self.latency.record(model, seconds)
+        self._served_since[model] = self._served_since.get(model, 0) + 1
+
+    async def _summaries(self) -> None:
+        """Every ``telemetry_s``: what was served since the last summary, into the outbox
+        (delivered whenever the cloud is reachable)."""
+        while True:
+            await asyncio.sleep(self.config.telemetry_s)
+            served, self._served_since = self._served_since, {}
+            figures = self.latency.figures()
+            for model, count in served.items():
+                latency = figures.get(model)
+                self._queue_telemetry(
+                    "requests.summary",
+                    {
+                        "model": model,
+                        "served": count,
+                        "p50_ms": latency.p50_ms if latency else None,
+                        "p99_ms": latency.p99_ms if latency else None,
+                        "cloud_connected": bool(self.cloud and self.cloud.connected),
+                    },
+                )
+
+    def _loader(self, directory: Path, manifest: Manifest, desired: DesiredModel) -> EdgeModel:
+        self._configure(desired)
+        return EdgeModel.load(
+            directory,
+            manifest,
+            providers=list(desired.providers or self.config.providers),
+            cache_dir=self.config.state_dir / "cache",
+        )
+
+    def _configure(self, desired: DesiredModel) -> None:
+        self.batcher.configure(
+            desired.name,
+            max_batch_size=desired.max_batch_size,
+            max_batch_wait_ms=desired.max_batch_wait_ms,
+        )
+
+    async def _fetch(
+        self,
+        url: str,
+        dest: Path,
+        *,
+        min_version: int,
+        expected_manifest_sha256: str | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> Manifest:
+        """The reconciler's download: :class:`ArtifactFetcher` plus a byte counter."""
+        assert self._fetcher is not None
+        seen = 0
+
+        def progress(done: int, total: int) -> None:
+            nonlocal seen
+            self.metrics.downloaded(done - seen)
+            seen = done
+            if on_progress is not None:
+                on_progress(done, total)
+
+        return await self._fetcher(
+            url,
+            dest,
+            min_version=min_version,
+            expected_manifest_sha256=expected_manifest_sha256,
+            on_progress=progress,
+        )
+
+    def _report(self, event: ModelEvent) -> None:
+        log.info("model %s v%s: %s %s", event.model, event.version, event.step, event.detail or "")
+        if event.step == "loaded" and event.version is not None:
+            self.metrics.model_loaded(event.model, event.version)
+            self.metrics.swap("ok")
+        elif event.step in ("failed", "rejected"):
+            self.metrics.swap(event.step)
+        fields: dict[str, str | int | float | bool | None] = {
+            "model": event.model,
+            "version": event.version,
+            "step": event.step,
+            "detail": event.detail,
+            "reason": str(event.reason) if event.reason is not None else None,
+        }
+        self._queue_telemetry("model.lifecycle", fields)
+
+    def _queue_telemetry(
+        self, name: str, fields: dict[str, str | int | float | bool | None]
+    ) -> None:
+        self._telemetry_seq += 1
+        batch = Telemetry(
+            agent_id=self.config.agent_id,
+            seq=self._telemetry_seq,
+            records=[TelemetryRecord(name=name, ts=time.time(), fields=fields)],
+        )
+        self.outbox.put(self.topics.telemetry(self.config.agent_id), batch.to_json())
+
+    def _status(self, state: AgentState, reason: str | None = None) -> AgentStatus:
+        return AgentStatus(
+            agent_id=self.config.agent_id,
+            state=state,
+            reason=reason,
+            agent_version=__version__,
+            labels=self.config.labels,
+            device_profile=self.config.device_profile,
+            models=self.table.loaded(),
+        )
+
+    async def _on_desired(self, message: Message) -> None:
+        try:
+            desired = decode(message.payload, message.content_type, DesiredState).message
+        except PayloadError as exc:
+            log.warning("ignoring a malformed desired state: %s", exc.message)
+            return
+        if desired.agent_id != self.config.agent_id:
+            log.warning("ignoring a desired state for agent %s", desired.agent_id)
+            return
+        await self._desired.put(desired)
+
+    async def _reconcile_loop(self, reconciler: Reconciler[EdgeModel]) -> None:
+        retry_delay = 2.0
+        while True:
+            try:
+                desired = await asyncio.wait_for(
+                    self._desired.get(), retry_delay if reconciler.needs_retry else None
+                )
+            except TimeoutError:  # a download failed for a temporary reason: resume it
+                await reconciler.retry()
+                retry_delay = min(60.0, retry_delay * 2)
+                await self._publish_status()
+                continue
+            while not self._desired.empty():  # coalesce: only the newest matters
+                desired = self._desired.get_nowait()
+            retry_delay = 2.0
+            await reconciler.apply(desired)
+            await self._publish_status()
+
+    async def _publish_status(self) -> None:
+        if self.cloud is not None and self.cloud.connected:
+            with contextlib.suppress(Exception):
+                await self.cloud.publish(
+                    self.topics.agent_status(self.config.agent_id),
+                    self._status(AgentState.ONLINE).to_json(),
+                    retain=True,
+                    wait=False,
+                )
+
+    async def _heartbeats(self) -> None:
+        assert self.cloud is not None
+        psutil_warm = sample_resources()  # the first cpu_percent sample is meaningless
+        del psutil_warm
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)
+            if not self.cloud.connected:
+                continue
+            started = time.perf_counter()
+            rtt_ms: float | None = None
+            try:
+                await self.cloud.publish(
+                    self.topics.heartbeat(self.config.agent_id),
+                    b"{}",
+                    qos=1,
+                    timeout=5.0,
+                    user_properties=[("probe", "rtt")],
+                )
+                rtt_ms = (time.perf_counter() - started) * 1000
+            except Exception:  # noqa: BLE001 - a failed probe only leaves the figure out
+                rtt_ms = None
+            self._heartbeat_seq += 1
+            beat = Heartbeat(
+                agent_id=self.config.agent_id,
+                seq=self._heartbeat_seq,
+                resources=sample_resources(),
+                queue_depth=self.batcher.queue_depth(),
+                models=self.table.loaded(),
+                latency=self.latency.figures(),
+                controller_rtt_ms=rtt_ms,
+            )
+            with contextlib.suppress(Exception):
+                await self.cloud.publish(
+                    self.topics.heartbeat(self.config.agent_id), beat.to_json(), qos=0
+                )
+
+    # ------------------------------------------------------------------ run
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        cfg = self.config
+        async with contextlib.AsyncExitStack() as stack:
+            http = await stack.enter_async_context(
+                httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0))
+            )
+            token = cfg.agent_token
+            self._fetcher = ArtifactFetcher(
+                client=http,
+                token=token.get_secret_value() if token is not None else None,
+                trusted_keys=self.keys,
+                limits=self.settings.artifact,
+            )
+            reconciler: Reconciler[EdgeModel] = Reconciler(
+                store=self.store,
+                table=self.table,
+                loader=self._loader,
+                fetch=self._fetch,
+                report=self._report,
+                trusted_keys=self.keys,
+                limits=self.settings.artifact,
+                configure=self._configure,
+            )
+            await reconciler.restore()
+            await stack.enter_async_context(self.batcher)
+            stack.callback(self.outbox.close)
+            if cfg.metrics_port is not None:
+                server, self.metrics_port = self.metrics.start_http_server(cfg.metrics_port)
+                stack.callback(server.shutdown)
+
+            cache = ReplyCache()
+            if cfg.local_endpoint.enabled:
+                local = await stack.enter_async_context(self._local_client())
+                self.local = local
+                await serve(
+                    local,
+                    self.topics.agent_infer(cfg.agent_id),
+                    self.service.handle,
+                    expected=InferenceRequest,
+                    dedup=cache,
+                )
+            self.ready.set()
+            log.info("agent %s serving %s", cfg.agent_id, self.table.names() or "no model yet")
+
+            offline = self._status(AgentState.OFFLINE, "connection lost")
+            cloud = MqttClient(
+                BrokerAddress.parse(cfg.broker_url),
+                self.settings.mqtt.model_copy(
+                    update={
+                        "username": cfg.mqtt_username or self.settings.mqtt.username,
+                        "password": cfg.mqtt_password or self.settings.mqtt.password,
+                    }
+                ),
+                client_id=cfg.agent_id,
+                will=Will(self.topics.agent_status(cfg.agent_id), offline.to_json()),
+                require_connection=False,
+            )
+            cloud.add_connect_hook(lambda _present: self._publish_status())
+            self.cloud = await stack.enter_async_context(cloud)
+
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self._cloud_setup(cache), name="cloud-setup")
+                    tasks.create_task(self._reconcile_loop(reconciler), name="reconcile")
+                    tasks.create_task(self._heartbeats(), name="heartbeats")
+                    tasks.create_task(self._summaries(), name="summaries")
+                    tasks.create_task(
+                        drain_outbox(self.outbox, self.cloud, on_sent=self.metrics.telemetry_sent),
+                        name="outbox",
+                    )
+                    await stop.wait()
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(
+                            self.cloud.publish(
+                                self.topics.agent_status(cfg.agent_id),
+                                self._status(AgentState.OFFLINE, "agent stopped").to_json(),
+                                retain=True,
+                            ),
+                            2.0,
+                        )
+                    raise _Stop
+            except* _Stop:
+                log.info("agent %s stopped", cfg.agent_id)
+
+    async def _cloud_setup(self, cache: ReplyCache) -> None:
+        """Subscribe on the cloud link; waits for it as long as it takes (the agent serves
+        locally meanwhile)."""
+        assert self.cloud is not None
+        cfg = self.config
+        while True:
+            try:
+                await self.cloud.subscribe(
+                    self.topics.desired(cfg.agent_id), self._on_desired, timeout=3600
+                )
+                await serve(
+                    self.cloud,
+                    self.topics.agent_infer(cfg.agent_id),
+                    self.service.handle,
+                    expected=InferenceRequest,
+                    dedup=cache,
+                )
+                return
+            except Exception as exc:  # noqa: BLE001 - retried: the cloud may come later
+                log.warning("cloud link not ready (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+
+    @contextlib.asynccontextmanager
+    async def _local_client(self) -> Any:
+        cfg = self.config.local_endpoint
+        url = cfg.broker_url
+        if url is None:
+            broker = PrivateBroker(
+                port=cfg.port or None,
+                data_dir=self.config.state_dir / "local-broker",
+                mosquitto_path=self.settings.broker.mosquitto_path,
+            )
+            broker.start()
+            self.local_broker = broker
+            url = broker.url
+        self.local_url = url
+        try:
+            async with MqttClient(
+                BrokerAddress.parse(url),
+                self.settings.mqtt,
+                client_id=f"{self.config.agent_id}-local",
+            ) as client:
+                yield client
+        finally:
+            if self.local_broker is not None:
+                self.local_broker.close()
+
+
+class _Stop(Exception):
+    """Ends the agent's task group on request."""
+
+
+async def run_agent(config: AgentConfig, settings: Settings) -> None:
+    """Run until SIGINT/SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await Agent(config, settings).run(stop)

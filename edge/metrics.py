@@ -1,0 +1,161 @@
+"""Prometheus metrics of the edge agent, on a registry of its own (never the global one, so that
+several agents in one process -- the simulation harness, the tests -- do not collide).
+
+Exposed names (``edgefed_agent_`` prefix):
+
+=========================================  =========  ===========================================
+``requests_total{outcome}``                counter    answered requests: ``ok`` or the error code
+``request_latency_seconds``                histogram  arrival to answer, 1 ms .. 10 s buckets
+``batch_size``                             histogram  requests per model run
+``queue_depth{priority}``                  gauge      requests waiting per priority
+``model_version{model}``                   gauge      version of each served model
+``model_swaps_total{outcome}``             counter    model changes: ok / failed / rejected
+``artifact_download_bytes_total``          counter    artifact bytes downloaded
+``telemetry_sent_total``                   counter    queued telemetry messages delivered
+``info{agent_id}``                         gauge      1, labelled with the agent's id
+=========================================  =========  ===========================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import (
+    start_http_server as _start_http_server,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LATENCY_BUCKETS", "PREFIX", "AgentMetrics", "SwapOutcome"]
+
+PREFIX = "edgefed_agent"
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+)
+"""Request latency buckets in seconds, 1 ms to 10 s (plus +Inf)."""
+BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+
+SwapOutcome = Literal["ok", "failed", "rejected"]
+
+
+class AgentMetrics:
+    """The agent's metrics; the methods are what the other modules call."""
+
+    def __init__(self, agent_id: str | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "Inference requests answered, by outcome",
+            ["outcome"],
+            registry=reg,
+        )
+        self.latency = Histogram(
+            f"{PREFIX}_request_latency_seconds",
+            "Inference request latency from arrival to answer",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}_batch_size",
+            "Requests per model run (micro-batching)",
+            buckets=BATCH_BUCKETS,
+            registry=reg,
+        )
+        self.queue_depth = Gauge(
+            f"{PREFIX}_queue_depth", "Requests waiting, by priority", ["priority"], registry=reg
+        )
+        self.model_version = Gauge(
+            f"{PREFIX}_model_version", "Version of each served model", ["model"], registry=reg
+        )
+        self.swaps = Counter(
+            f"{PREFIX}_model_swaps", "Model changes, by outcome", ["outcome"], registry=reg
+        )
+        self.download_bytes = Counter(
+            f"{PREFIX}_artifact_download_bytes", "Artifact bytes downloaded", registry=reg
+        )
+        self.telemetry = Counter(
+            f"{PREFIX}_telemetry_sent", "Queued telemetry messages delivered", registry=reg
+        )
+        self.info = Gauge(f"{PREFIX}_info", "The agent's identity", ["agent_id"], registry=reg)
+        for outcome in ("ok", "failed", "rejected"):
+            self.swaps.labels(outcome=outcome)
+        if agent_id is not None:
+            self.set_agent_id(agent_id)
+
+    # ------------------------------------------------------------------ what modules call
+
+    def set_agent_id(self, agent_id: str) -> None:
+        self.info.clear()
+        self.info.labels(agent_id=agent_id).set(1)
+
+    def request_done(self, outcome: str, seconds: float) -> None:
+        """One request answered: ``outcome`` is ``ok`` or an error code (``expired``, ...)."""
+        self.requests.labels(outcome=outcome).inc()
+        self.latency.observe(max(0.0, seconds))
+
+    def batch_done(self, size: int) -> None:
+        self.batch_size.observe(size)
+
+    def set_queue_depth(self, depth: Mapping[Any, int]) -> None:
+        """Waiting requests per priority (a :class:`~edgefed.common.schemas.Priority` or str)."""
+        for priority, count in depth.items():
+            self.queue_depth.labels(priority=str(priority)).set(count)
+
+    def model_loaded(self, name: str, version: int) -> None:
+        self.model_version.labels(model=name).set(version)
+
+    def model_removed(self, name: str) -> None:
+        with contextlib.suppress(KeyError):
+            self.model_version.remove(name)
+
+    def swap(self, outcome: SwapOutcome | str) -> None:
+        """One model change: ``ok``, ``failed`` (could not load) or ``rejected`` (verification)."""
+        self.swaps.labels(outcome=outcome).inc()
+
+    def downloaded(self, nbytes: int) -> None:
+        """``nbytes`` more artifact bytes arrived (an increment, not a running total)."""
+        if nbytes > 0:
+            self.download_bytes.inc(nbytes)
+
+    def telemetry_sent(self, count: int = 1) -> None:
+        if count > 0:
+            self.telemetry.inc(count)
+
+    # ------------------------------------------------------------------ exposition
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+    def start_http_server(self, port: int, addr: str = "0.0.0.0") -> tuple[Any, int]:  # noqa: S104
+        """Serve ``/metrics`` on ``addr:port`` (port 0: a free one) in a daemon thread.
+
+        Returns the server (``server.shutdown()`` stops it) and the port really bound.
+        """
+        server, _thread = _start_http_server(port, addr=addr, registry=self.registry)
+        actual = int(server.server_port)
+        log.info("metrics on http://%s:%d/metrics", addr, actual)
+        return server, actual
