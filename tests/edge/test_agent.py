@@ -313,3 +313,44 @@ async def test_a_killed_agent_serves_its_installed_model_again_without_the_contr
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 20)
     assert reply.version == 1
+
+
+async def test_the_agent_announces_itself_and_sends_heartbeats_with_its_figures(
+    edge_fleet: Fleet,
+) -> None:
+    from edgefed.common.schemas import AgentState, AgentStatus, Heartbeat
+
+    f = edge_fleet
+    f.publish_artifact(f.tiny.embed.dir, "tiny-embed", 1)
+    statuses: asyncio.Queue[AgentStatus] = asyncio.Queue()
+    beats: asyncio.Queue[Heartbeat] = asyncio.Queue()
+
+    async def on_status(msg: Message) -> None:
+        await statuses.put(decode(msg.payload, msg.content_type, AgentStatus).message)
+
+    async def on_beat(msg: Message) -> None:
+        if msg.payload != b"{}":  # the round-trip probe
+            await beats.put(decode(msg.payload, msg.content_type, Heartbeat).message)
+
+    async with controller_side(f) as (ctl, requester):
+        await ctl.subscribe(f.topics.agent_status(f.config.agent_id), on_status)
+        await ctl.subscribe(f.topics.heartbeat(f.config.agent_id), on_beat)
+        async with running_agent(f):
+            await publish_desired(ctl, f, f.desired("tiny-embed", 1))
+            await f.wait_for("loaded", 1)
+            await embed(requester, f)
+            while True:
+                beat = await asyncio.wait_for(beats.get(), 10)
+                if beat.models and beat.latency:
+                    break
+            online = await asyncio.wait_for(statuses.get(), 10)
+        while True:
+            last = await asyncio.wait_for(statuses.get(), 10)
+            if last.state is AgentState.OFFLINE:
+                break
+    assert online.state is AgentState.ONLINE
+    assert online.labels == {"site": "test"}
+    assert beat.resources.memory_total_bytes > 0
+    assert [m.name for m in beat.models] == ["tiny-embed"]
+    assert beat.latency["tiny-embed"].count >= 1
+    assert last.reason == "agent stopped"
