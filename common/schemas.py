@@ -152,6 +152,9 @@ class Heartbeat(WireModel):
     queue_depth: dict[Priority, int] = Field(default_factory=dict)
     models: list[LoadedModel] = Field(default_factory=list)
     latency: dict[str, LatencyFigures] = Field(default_factory=dict)
+    requests: dict[str, dict[str, int]] = Field(default_factory=dict)
+    """Answered requests since the agent started, per model and outcome (``ok`` or an error
+    code): rollout gates compute error rates from the difference of two heartbeats."""
     controller_rtt_ms: NonNegative | None = None
 
 

@@ -74,9 +74,10 @@ class Agent:
             self.batcher,
             agent_id=config.agent_id,
             metrics=self.metrics,
-            on_latency=self._served,
+            on_done=self._done,
         )
         self._served_since: dict[str, int] = {}
+        self._outcomes: dict[str, dict[str, int]] = {}
         self.keys = [VerifyKey.from_base64(k) for k in config.trusted_keys]
         self._telemetry_seq = 0
         self._heartbeat_seq = 0
@@ -92,9 +93,12 @@ class Agent:
 
     # ------------------------------------------------------------------ pieces
 
-    def _served(self, model: str, seconds: float) -> None:
-        self.latency.record(model, seconds)
-        self._served_since[model] = self._served_since.get(model, 0) + 1
+    def _done(self, model: str, outcome: str, seconds: float) -> None:
+        counts = self._outcomes.setdefault(model, {})
+        counts[outcome] = counts.get(outcome, 0) + 1
+        if outcome == "ok":
+            self.latency.record(model, seconds)
+            self._served_since[model] = self._served_since.get(model, 0) + 1
 
     async def _summaries(self) -> None:
         """Every ``telemetry_s``: what was served since the last summary, into the outbox
@@ -266,6 +270,7 @@ class Agent:
                 queue_depth=self.batcher.queue_depth(),
                 models=self.table.loaded(),
                 latency=self.latency.figures(),
+                requests={model: dict(counts) for model, counts in self._outcomes.items()},
                 controller_rtt_ms=rtt_ms,
             )
             with contextlib.suppress(Exception):

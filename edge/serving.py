@@ -546,14 +546,14 @@ class InferenceService:
         *,
         agent_id: str,
         metrics: AgentMetrics | None = None,
-        on_latency: Callable[[str, float], None] | None = None,
+        on_done: Callable[[str, str, float], None] | None = None,
         max_texts: int = DEFAULT_MAX_TEXTS,
     ) -> None:
         self.table = table
         self.batcher = batcher
         self.agent_id = agent_id
         self.metrics = metrics
-        self.on_latency = on_latency
+        self.on_done = on_done
         """Called with (model name, seconds) for every request answered successfully."""
         self.max_texts = max_texts
 
@@ -576,8 +576,8 @@ class InferenceService:
             seconds = max(0.0, time.monotonic() - msg.received_at)
             if self.metrics is not None:
                 self.metrics.request_done(outcome, seconds)
-            if outcome == "ok" and self.on_latency is not None:
-                self.on_latency(req.message.model, seconds)
+            if self.on_done is not None:
+                self.on_done(req.message.model, outcome, seconds)
 
     async def _serve(
         self, req: Decoded[InferenceRequest], msg: Message

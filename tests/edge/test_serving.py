@@ -302,14 +302,14 @@ async def test_the_handler_checks_the_request_before_queueing(embed: EdgeModel) 
     table = ModelTable()
     table.swap(embed)
     metrics = AgentMetrics()
-    latencies: list[tuple[str, float]] = []
+    done: list[tuple[str, str, float]] = []
     async with Batcher() as batcher:
         service = InferenceService(
             table,
             batcher,
             agent_id="agent-1",
             metrics=metrics,
-            on_latency=lambda m, s: latencies.append((m, s)),
+            on_done=lambda m, o, s: done.append((m, o, s)),
         )
         with pytest.raises(UnknownModelError, match="serving: tiny-embed"):
             await service.handle(*_request(model="nope", texts=["x"]))
@@ -325,7 +325,13 @@ async def test_the_handler_checks_the_request_before_queueing(embed: EdgeModel) 
                 *_request(model="tiny-embed", texts=["x"], deadline=time.time() - 1)
             )
     assert batcher.items_run == 1
-    assert [m for m, _ in latencies] == ["tiny-embed"]
+    assert [(m, o) for m, o, _ in done] == [
+        ("nope", "not-found"),
+        ("tiny-embed", "not-found"),
+        ("tiny-embed", "malformed"),
+        ("tiny-embed", "ok"),
+        ("tiny-embed", "expired"),
+    ]
     text = metrics.render().decode()
     assert 'edgefed_agent_requests_total{outcome="ok"} 1.0' in text
     assert 'edgefed_agent_requests_total{outcome="not-found"} 2.0' in text
