@@ -14,7 +14,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, overload
 from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -203,7 +203,27 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
 
-def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+S = TypeVar("S", bound="Settings")
+
+
+@overload
+def load_settings(
+    config_file: Path | str | None = None, *, settings_cls: None = None, **overrides: Any
+) -> Settings: ...
+
+
+@overload
+def load_settings(
+    config_file: Path | str | None = None, *, settings_cls: type[S], **overrides: Any
+) -> S: ...
+
+
+def load_settings(
+    config_file: Path | str | None = None,
+    *,
+    settings_cls: type[Settings] | None = None,
+    **overrides: Any,
+) -> Settings:
     """Build and validate the settings once, at start-up.
 
     ``config_file`` (or ``$EDGEFED_CONFIG``) names a TOML file with the same structure as the
@@ -222,16 +242,13 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         except (tomllib.TOMLDecodeError, OSError) as exc:
             raise ConfigError(f"config file {toml_file} is not valid TOML: {exc}") from exc
 
-    settings_cls: type[Settings] = type(
-        "Settings",
-        (Settings,),
-        {
-            "model_config": SettingsConfigDict(**{**Settings.model_config, "toml_file": toml_file}),
-            "__module__": __name__,
-        },
+    base = settings_cls or Settings
+    config: Any = {**base.model_config, "toml_file": toml_file}
+    configured: type[Settings] = type(
+        base.__name__, (base,), {"model_config": config, "__module__": base.__module__}
     )
     try:
-        return settings_cls(**overrides)
+        return configured(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, toml_file)) from exc
 

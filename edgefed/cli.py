@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -90,10 +90,10 @@ def _root(
     _state.log_level = log_level
 
 
-def _settings(**overrides: object) -> Settings:
+def _settings(**overrides: Any) -> Settings:
     if _state.log_level:
         overrides.setdefault("log_level", _state.log_level.upper())
-    settings = load_settings(_state.config, **overrides)
+    settings: Settings = load_settings(_state.config, **overrides)
     logging.basicConfig(
         level=settings.log_level,
         format="%(message)s",

@@ -1,0 +1,36 @@
+"""What the control API needs from the controller's background services, as small protocols.
+
+The API writes rows (jobs, deployments) and *kicks* the service that acts on them; the services
+own their loops (worker processes, MQTT, rollouts) and are started in the app's lifespan by
+``edgefed cloud serve``. Tests of the API alone pass :class:`Services` with ``None`` members.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class JobService(Protocol):
+    def kick(self) -> None:
+        """A job was queued or asked to cancel: look at the jobs table now."""
+
+
+class RolloutService(Protocol):
+    def kick(self) -> None:
+        """A deployment was created or asked to abort: look at the deployments now."""
+
+
+class FleetView(Protocol):
+    def live(self, agent_id: str) -> dict[str, Any] | None:
+        """The agent's latest status and heartbeat as received over MQTT (None: never seen)."""
+
+    def connected(self) -> bool:
+        """Whether the controller's MQTT link is up."""
+
+
+@dataclass
+class Services:
+    jobs: JobService | None = None
+    rollouts: RolloutService | None = None
+    fleet: FleetView | None = None

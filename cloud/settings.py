@@ -1,0 +1,92 @@
+"""Settings of the controller (``edgefed cloud serve``), from ``EDGEFED_CONTROLLER__*``
+environment variables or the ``[controller]`` table of the config file, validated at start-up.
+
+Outside ``dev_mode`` unsafe settings are refused: plain-HTTP public URLs off loopback and
+in-memory databases.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edgefed.common.settings import Settings, load_settings
+
+
+def default_data_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/edgefed-controller")
+    return Path.home() / ".local" / "share" / "edgefed-controller"
+
+
+class ControllerSettings(BaseModel):
+    """Where the controller keeps its state and how it serves."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    """Database (SQLite default), artifact store, signing key, admin token."""
+    database_url: str | None = None
+    """SQLAlchemy URL (``postgresql+psycopg://user@host/db``); SQLite in data_dir when unset."""
+    artifact_store: Path | None = None
+    """Signed artifacts (``NAME/vN/TARGET``); ``data_dir/artifacts`` when unset."""
+    signing_key: Path | None = None
+    """Artifact-signing key; ``data_dir/signing.key`` (created on first start) when unset."""
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=0, le=65535)
+    public_url: str | None = None
+    """URL agents use to reach this controller (artifact downloads); from host/port when unset."""
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Largest request body accepted (413 beyond)."""
+    rate_limit_per_minute: int = Field(default=600, ge=1)
+    """Requests per token per minute before 429 (with Retry-After)."""
+    job_workers: int = Field(default=1, ge=1, le=16)
+    """Compression jobs running at once (each in its own process)."""
+    rollout_tick_s: float = Field(default=1.0, gt=0)
+    """How often rollouts look at agent reports and move on."""
+    dev_mode: bool = False
+    """Allow plain HTTP off loopback and similar conveniences for development."""
+
+    @model_validator(mode="after")
+    def _safe_outside_dev(self) -> ControllerSettings:
+        if self.dev_mode:
+            return self
+        url = self.public_url or ""
+        loopback = ("http://127.0.0.1", "http://localhost", "http://[::1]")
+        if url.startswith("http://") and not url.startswith(loopback):
+            raise ValueError(
+                "public_url must use https:// off loopback (set dev_mode = true to allow http)"
+            )
+        if self.database_url is not None and ":memory:" in self.database_url:
+            raise ValueError("an in-memory database loses everything on restart (dev_mode only)")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'controller.db'}"
+
+    @property
+    def resolved_artifact_store(self) -> Path:
+        return self.artifact_store or self.data_dir / "artifacts"
+
+    @property
+    def resolved_signing_key(self) -> Path:
+        return self.signing_key or self.data_dir / "signing.key"
+
+    @property
+    def resolved_public_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
+class CloudSettings(Settings):
+    """The common settings plus the controller's ``[controller]`` table."""
+
+    controller: ControllerSettings = Field(default_factory=ControllerSettings)
+
+
+def load_cloud_settings(
+    config_file: Path | str | None = None, **overrides: object
+) -> CloudSettings:
+    return load_settings(config_file, settings_cls=CloudSettings, **overrides)
