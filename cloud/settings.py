@@ -38,6 +38,12 @@ class ControllerSettings(BaseModel):
     port: int = Field(default=8443, ge=0, le=65535)
     public_url: str | None = None
     """URL agents use to reach this controller (artifact downloads); from host/port when unset."""
+    tls_cert: Path | None = None
+    """PEM certificate (chain) the API serves HTTPS with; plain HTTP when unset."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+    embedded_broker_host: str = "127.0.0.1"
+    """Address the private mosquitto listens on when no ``broker_url`` is configured."""
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
     """Largest request body accepted (413 beyond)."""
     rate_limit_per_minute: int = Field(default=600, ge=1)
@@ -51,6 +57,8 @@ class ControllerSettings(BaseModel):
 
     @model_validator(mode="after")
     def _safe_outside_dev(self) -> ControllerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
         if self.dev_mode:
             return self
         url = self.public_url or ""
@@ -77,7 +85,8 @@ class ControllerSettings(BaseModel):
 
     @property
     def resolved_public_url(self) -> str:
-        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+        scheme = "https" if self.tls_cert else "http"
+        return (self.public_url or f"{scheme}://{self.host}:{self.port}").rstrip("/")
 
 
 class CloudSettings(Settings):

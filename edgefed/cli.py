@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,6 +24,9 @@ from rich.table import Table
 from edgefed import __version__
 from edgefed.common.errors import ArtifactRejected, ConfigError, EdgefedError
 from edgefed.common.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from edgefed.cloud.settings import CloudSettings
 
 app = typer.Typer(
     name="edgefed",
@@ -36,6 +39,8 @@ artifact_app = typer.Typer(help="Build, sign and verify model artifacts.", no_ar
 app.add_typer(artifact_app, name="artifact")
 edge_app = typer.Typer(help="The edge agent: join a fleet, run, install as a service.")
 app.add_typer(edge_app, name="edge", no_args_is_help=True)
+cloud_app = typer.Typer(help="The cloud controller: control API, registry, rollouts, jobs.")
+app.add_typer(cloud_app, name="cloud", no_args_is_help=True)
 
 
 def _default_state_dir() -> Path:
@@ -100,7 +105,18 @@ def _settings(**overrides: Any) -> Settings:
         handlers=[RichHandler(console=err, show_path=False)],
         force=True,
     )
+    # Request lines of HTTP clients and migration chatter are noise at INFO.
+    for noisy in ("httpx", "httpcore", "alembic"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     return settings
+
+
+def _cloud_settings(**overrides: Any) -> CloudSettings:
+    from edgefed.cloud.settings import CloudSettings
+
+    base = _settings()  # logging, and the common settings' errors first
+    del base
+    return load_settings(_state.config, settings_cls=CloudSettings, **overrides)
 
 
 @app.command()
@@ -473,6 +489,86 @@ def artifact_verify(
         err.print(f"[red]rejected[/red] ({exc.reason}): {exc.detail}")
         raise typer.Exit(exc.exit_code) from None
     out.print(f"[green]ok[/green] {manifest.name} v{manifest.version} ({manifest.task})")
+
+
+@cloud_app.command("serve")
+def cloud_serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (0: a free one).")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Registry, artifact store, signing key, admin token.")
+    ] = None,
+) -> None:
+    """Run the controller: control API, fleet monitor, rollouts and compression jobs."""
+    from edgefed.cloud.serve import Running, run_forever
+
+    settings = _cloud_settings()
+    updates = {
+        k: v for k, v in {"host": host, "port": port, "data_dir": data_dir}.items() if v is not None
+    }
+    if updates:
+        controller = settings.controller.model_validate(
+            {**settings.controller.model_dump(), **updates}
+        )
+        settings = settings.model_copy(update={"controller": controller})
+
+    def ready(running: Running) -> None:
+        ctl = running.settings.controller
+        out.print(f"[green]controller serving[/green] at [bold]{running.url}[/bold]")
+        out.print(f"  fleet {running.settings.fleet}, broker {running.settings.broker_url}")
+        out.print(f"  data in {ctl.data_dir}; API docs at {running.url}/docs")
+        admin = running.state.admin_token_file
+        if admin.exists():
+            out.print(f"  first admin token in {admin} (create your own, then revoke it)")
+
+    run_forever(settings, on_ready=ready)
+
+
+@cloud_app.command("join-token")
+def cloud_join_token(
+    controller: Annotated[
+        str | None, typer.Option(help="Controller URL (default: this machine's settings).")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EDGEFED_TOKEN",
+            help="An operator or admin API token (default: the controller's admin.token).",
+        ),
+    ] = None,
+    label: Annotated[
+        list[str] | None, typer.Option(help="Label KEY=VALUE every agent joining with it gets.")
+    ] = None,
+    expires_in: Annotated[int, typer.Option(min=60, help="Lifetime in seconds.")] = 86_400,
+) -> None:
+    """Create a single-use join token for `edgefed edge join`."""
+    import httpx
+
+    settings = _cloud_settings()
+    ctl = settings.controller
+    base = (controller or ctl.resolved_public_url).rstrip("/")
+    if token is None:
+        admin_file = ctl.data_dir / "admin.token"
+        if not admin_file.is_file():
+            raise ConfigError(f"no --token given and no {admin_file}: pass an operator token")
+        token = admin_file.read_text().strip()
+    try:
+        response = httpx.post(
+            f"{base}/api/v1/join-tokens",
+            json={"labels": _labels(label or []), "expires_in_s": expires_in},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=15.0,
+        )
+    except httpx.HTTPError as exc:
+        raise EdgefedError(f"cannot reach the controller at {base}: {exc}") from exc
+    if response.status_code != 201:
+        raise EdgefedError(f"the controller answered {response.status_code}: {response.text}")
+    body = response.json()
+    out.print(body["token"])
+    err.print(
+        f"single-use join token #{body['id']}, expires {body['expires_at']}; on the device: "
+        f"edgefed edge join --controller {base} --token <token>"
+    )
 
 
 def main() -> None:

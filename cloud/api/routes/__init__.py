@@ -1,0 +1,31 @@
+"""The routes of the control API, one module per resource; :data:`ROUTERS` in include order."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from edgefed.cloud.api.routes import (
+    agents,
+    artifacts,
+    audit,
+    deployments,
+    health,
+    jobs,
+    models,
+    stats,
+    tokens,
+)
+
+ROUTERS: tuple[APIRouter, ...] = (
+    health.router,
+    tokens.router,
+    agents.router,
+    models.router,
+    jobs.router,
+    artifacts.router,
+    deployments.router,
+    stats.router,
+    audit.router,
+)
+
+__all__ = ["ROUTERS"]

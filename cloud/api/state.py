@@ -1,0 +1,35 @@
+"""What the app's lifespan builds and the routes use, kept on ``app.state.controller``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from edgefed.cloud.api.ratelimit import RateLimiter
+from edgefed.cloud.settings import CloudSettings, ControllerSettings
+from edgefed.common.artifact import SigningKey
+
+
+@dataclass
+class ControllerState:
+    """The controller's resources for the lifetime of the app (built in its lifespan)."""
+
+    settings: CloudSettings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    """Sessions for reading."""
+    write_sessions: sessionmaker[Session]
+    """Sessions for transactions that write (on SQLite they take the write lock at BEGIN)."""
+    signing_key: SigningKey
+    limiter: RateLimiter
+    head_revision: str
+    """The newest migration shipped; /readyz compares the database with it."""
+    artifact_store: Path
+    admin_token_file: Path
+
+    @property
+    def controller(self) -> ControllerSettings:
+        return self.settings.controller

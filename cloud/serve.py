@@ -1,0 +1,243 @@
+"""``edgefed cloud serve``: the control API and the services behind it, in one process.
+
+What runs, all on one asyncio loop:
+
+* the control API (FastAPI under uvicorn; TLS when a certificate is configured);
+* the fleet monitor (agent status, heartbeats and telemetry over MQTT, written to the registry);
+* the rollout engine with its desired-state publisher (retained desired states per agent);
+* the job supervisor (compression jobs, each in its own worker process).
+
+The services are built once the API's lifespan has opened the registry (migrations, signing key,
+first admin token), so they share its engine. Without ``broker_url`` a private mosquitto is
+started beside the controller (persistent, in ``data_dir/broker``) and keeps its port across
+restarts, so that agents that joined keep reaching it; agents on other machines need a broker
+they can reach (``EDGEFED_BROKER_URL``) and a ``public_url`` they can reach.
+
+SIGTERM and Ctrl-C stop it cleanly: uvicorn stops taking requests, the services are cancelled
+(the job supervisor leaves running workers alone only on SIGKILL; on a clean stop it stops
+them and their jobs resume at the next start), the MQTT session is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from edgefed.cloud.api.app import create_app
+from edgefed.cloud.api.state import ControllerState
+from edgefed.cloud.fleet.desired import DesiredStatePublisher
+from edgefed.cloud.fleet.monitor import FleetMonitor
+from edgefed.cloud.jobs.supervisor import JobSupervisor
+from edgefed.cloud.rollout.engine import RolloutEngine
+from edgefed.cloud.services import Services
+from edgefed.cloud.settings import CloudSettings
+from edgefed.common.broker import PrivateBroker
+from edgefed.common.errors import ConfigError
+from edgefed.common.mqtt import MqttClient
+from edgefed.common.topics import Topics
+
+log = logging.getLogger(__name__)
+
+BROKER_PORT_FILE = "port"
+
+
+@dataclass
+class Running:
+    """What a started controller exposes to whoever started it (the CLI, tests)."""
+
+    settings: CloudSettings
+    state: ControllerState
+    services: Services
+    url: str
+    api: asyncio.Task[None]
+    """The API server's task: done once the server stopped (a signal, or :meth:`stop`)."""
+    server: uvicorn.Server
+
+    def stop(self) -> None:
+        """Ask the API server to stop; the ``controller`` block then winds everything down."""
+        self.server.should_exit = True
+
+
+def embedded_broker(settings: CloudSettings) -> PrivateBroker:
+    """A private persistent mosquitto for a controller without ``broker_url``; its port is
+    remembered in ``data_dir/broker/port`` so a restart brings it back where agents expect it."""
+    data_dir = settings.controller.data_dir / "broker"
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    port_file = data_dir / BROKER_PORT_FILE
+    port: int | None = None
+    if port_file.is_file():
+        try:
+            port = int(port_file.read_text().strip())
+        except ValueError as exc:
+            raise ConfigError(f"{port_file} does not hold a port number; remove it") from exc
+    broker = PrivateBroker(
+        host=settings.controller.embedded_broker_host,
+        port=port,
+        data_dir=data_dir,
+        persistence=True,
+        mosquitto_path=settings.broker.mosquitto_path,
+        start_timeout_s=settings.broker.start_timeout_s,
+    )
+    broker.start()
+    port_file.write_text(f"{broker.port}\n")
+    return broker
+
+
+async def _wait_started(server: uvicorn.Server, task: asyncio.Task[None]) -> None:
+    while not server.started:
+        if task.done():
+            task.result()  # uvicorn's own error (port in use, bad certificate...)
+            raise ConfigError("the control API stopped while starting (see the log above)")
+        await asyncio.sleep(0.05)
+
+
+def _bound_url(server: uvicorn.Server, settings: CloudSettings) -> str:
+    ctl = settings.controller
+    scheme = "https" if ctl.tls_cert else "http"
+    port = ctl.port
+    for srv in getattr(server, "servers", []):
+        for sock in srv.sockets:
+            port = sock.getsockname()[1]
+            break
+    return f"{scheme}://{ctl.host}:{port}"
+
+
+@contextlib.contextmanager
+def _no_signal_capture() -> Iterator[None]:
+    yield
+
+
+@asynccontextmanager
+async def controller(settings: CloudSettings) -> AsyncIterator[Running]:
+    """Start everything; yield once the API answers; stop everything when the block ends.
+
+    ``controller.port = 0`` binds a free port (``Running.url`` says which).
+    """
+    ctl = settings.controller
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=ctl.host,
+        port=ctl.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        ssl_certfile=str(ctl.tls_cert) if ctl.tls_cert else None,
+        ssl_keyfile=str(ctl.tls_key) if ctl.tls_key else None,
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    # Signals are the caller's business (see serve()): uvicorn would re-raise them on its way out.
+    server.capture_signals = _no_signal_capture  # type: ignore[method-assign]
+    serving = asyncio.create_task(server.serve(), name="control-api")
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await _wait_started(server, serving)
+        state = app.state.controller
+        if not isinstance(state, ControllerState):  # pragma: no cover - lifespan sets it
+            raise ConfigError("the control API started without its registry")
+        topics = Topics(settings.fleet)
+        client = MqttClient.from_settings(
+            settings, client_id=f"edgefed-controller-{settings.fleet}"
+        )
+        async with client:
+            monitor = FleetMonitor(client, topics, state.write_sessions)
+            publisher = DesiredStatePublisher(
+                client, topics, store=state.artifact_store, public_url=ctl.resolved_public_url
+            )
+            engine = RolloutEngine(
+                state.write_sessions,
+                monitor,
+                publisher,
+                signing_key=state.signing_key,
+                tick_s=ctl.rollout_tick_s,
+            )
+            supervisor = JobSupervisor(
+                state.write_sessions,
+                database_url=ctl.resolved_database_url,
+                store=state.artifact_store,
+                signing_key=ctl.resolved_signing_key,
+                workers=ctl.job_workers,
+                log_dir=ctl.data_dir / "jobs",
+            )
+            await monitor.start()
+            tasks = [
+                asyncio.create_task(monitor.run(), name="fleet-monitor"),
+                asyncio.create_task(engine.run(), name="rollout-engine"),
+                asyncio.create_task(supervisor.run(), name="job-supervisor"),
+            ]
+            services = Services(jobs=supervisor, rollouts=engine, fleet=monitor)
+            app.state.services = services
+            url = _bound_url(server, settings)
+            log.info("controller for fleet %s serving at %s", settings.fleet, url)
+            yield Running(
+                settings=settings,
+                state=state,
+                services=services,
+                url=url,
+                api=serving,
+                server=server,
+            )
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            tasks = []
+    finally:
+        for task in tasks:
+            task.cancel()
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await serving
+
+
+async def serve(
+    settings: CloudSettings, *, on_ready: Callable[[Running], None] | None = None
+) -> None:
+    """Run the controller until SIGTERM or SIGINT, then stop everything cleanly."""
+    async with controller(settings) as running:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, running.stop)
+        try:
+            if on_ready is not None:
+                on_ready(running)
+            await asyncio.wait([running.api])
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+    log.info("controller stopped")
+
+
+def run_forever(
+    settings: CloudSettings, *, on_ready: Callable[[Running], None] | None = None
+) -> None:
+    """``edgefed cloud serve``: start a private broker when none is configured, then serve."""
+    broker: PrivateBroker | None = None
+    if settings.broker_url is None:
+        broker = embedded_broker(settings)
+        settings = settings.model_copy(update={"broker_url": broker.url})
+        log.info("started a private mosquitto for this controller at %s", broker.url)
+    try:
+        asyncio.run(serve(settings, on_ready=on_ready))
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+def pid_file(settings: CloudSettings) -> Path:
+    return settings.controller.data_dir / "controller.pid"
+
+
+def write_pid(settings: CloudSettings) -> None:
+    pid_file(settings).write_text(f"{os.getpid()}\n")
