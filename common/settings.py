@@ -157,6 +157,8 @@ class Settings(BaseSettings):
     fleet: str = "default"
     """Fleet name: the topic tree is ``edgefed/v1/<fleet>/...``."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["rich", "json", "plain"] = "rich"
+    """``rich`` for a terminal, ``json`` (one object per line) for log shippers, ``plain``."""
     """Log level of edgefed's loggers."""
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     broker: PrivateBrokerSettings = Field(default_factory=PrivateBrokerSettings)

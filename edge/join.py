@@ -6,7 +6,8 @@ Contract with the controller (``POST {controller}/api/v1/agents/join``)::
                "device_profile": str | null, "agent_version": str}
     200       {"agent_id": str, "fleet": str, "broker_url": str,
                "mqtt_username": str | null, "mqtt_password": str | null,
-               "agent_token": str | null, "artifact_signing_keys": [base64 Ed25519 keys]}
+               "agent_token": str | null, "artifact_signing_keys": [base64 Ed25519 keys],
+               "labels": {str: str} (optional: the labels the controller recorded)}
     401/403   the token is invalid, expired or already used
 
 The answer becomes ``<state_dir>/agent.json`` (mode 0600).
@@ -40,6 +41,8 @@ class JoinAnswer(BaseModel):
     mqtt_password: SecretStr | None = None
     agent_token: SecretStr | None = None
     artifact_signing_keys: list[str] = Field(min_length=1)
+    labels: dict[str, str] | None = None
+    """The labels the controller recorded (the agent's own and its join token's)."""
 
 
 def join(
@@ -94,7 +97,7 @@ def join(
         mqtt_password=answer.mqtt_password,
         agent_token=answer.agent_token,
         trusted_keys=answer.artifact_signing_keys,
-        labels=dict(labels or {}),
+        labels=dict(answer.labels) if answer.labels is not None else dict(labels or {}),
         device_profile=device_profile,
         state_dir=state_dir.resolve(),
     )

@@ -95,16 +95,40 @@ def _root(
     _state.log_level = log_level
 
 
+def _drop_color_message(record: logging.LogRecord) -> bool:
+    """uvicorn attaches an ANSI-coloured copy of some messages; it is noise outside a terminal."""
+    record.__dict__.pop("color_message", None)
+    return True
+
+
+def _log_handler(settings: Settings) -> logging.Handler:
+    """Where log records go: a rich console, or one JSON object per line on stderr."""
+    if settings.log_format == "rich":
+        handler: logging.Handler = RichHandler(console=err, show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        return handler
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_drop_color_message)
+    if settings.log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(process)d %(message)s",
+                rename_fields={"asctime": "ts", "levelname": "level", "name": "logger"},
+                datefmt="%Y-%m-%dT%H:%M:%S%z",
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
 def _settings(**overrides: Any) -> Settings:
     if _state.log_level:
         overrides.setdefault("log_level", _state.log_level.upper())
     settings: Settings = load_settings(_state.config, **overrides)
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(message)s",
-        handlers=[RichHandler(console=err, show_path=False)],
-        force=True,
-    )
+    logging.basicConfig(level=settings.log_level, handlers=[_log_handler(settings)], force=True)
     # Request lines of HTTP clients and migration chatter are noise at INFO.
     for noisy in ("httpx", "httpcore", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))

@@ -166,6 +166,8 @@ class JoinAnswer(BaseModel):
     agent_token: str
     artifact_signing_keys: list[str]
     """Base64 Ed25519 public keys whose signatures the agent accepts."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """The labels recorded for the agent: its own, overridden by its join token's."""
 
 
 class AgentPublic(_Out):

@@ -137,6 +137,7 @@ def join(
         mqtt_password=None,
         agent_token=secret,
         artifact_signing_keys=[state.signing_key.verify_key.to_base64()],
+        labels=labels,
     )
 
 

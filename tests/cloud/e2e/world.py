@@ -105,6 +105,7 @@ def publish(store: Path, source: Path, version: int, key: SigningKey) -> Path:
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFED_")}
     env["EDGEFED_MQTT__BACKOFF_MAX_S"] = "0.5"
+    env["EDGEFED_LOG_FORMAT"] = "plain"
     env.update(extra)
     return env
 
@@ -133,6 +134,7 @@ class ControllerProcess:
             EDGEFED_CONTROLLER__DATA_DIR=str(self.data_dir),
             EDGEFED_CONTROLLER__PORT=str(self.port),
             EDGEFED_CONTROLLER__ROLLOUT_TICK_S="0.2",
+            EDGEFED_LOG_FORMAT="plain",
             EDGEFED_CONTROLLER__RATE_LIMIT_PER_MINUTE="100000",
         )
         command = [sys.executable, "-m", "edgefed.cli", "cloud", "serve"]
