@@ -35,6 +35,7 @@ import uvicorn
 from edgefed.cloud.api.app import create_app
 from edgefed.cloud.api.state import ControllerState
 from edgefed.cloud.fleet.desired import DesiredStatePublisher
+from edgefed.cloud.fleet.metrics import RegistryCollector
 from edgefed.cloud.fleet.monitor import FleetMonitor
 from edgefed.cloud.jobs.supervisor import JobSupervisor
 from edgefed.cloud.rollout.engine import RolloutEngine
@@ -145,6 +146,7 @@ async def controller(settings: CloudSettings) -> AsyncIterator[Running]:
         state = app.state.controller
         if not isinstance(state, ControllerState):  # pragma: no cover - lifespan sets it
             raise ConfigError("the control API started without its registry")
+        app.state.metrics.registry.register(RegistryCollector(state.sessions, settings.fleet))
         topics = Topics(settings.fleet)
         client = MqttClient.from_settings(
             settings, client_id=f"edgefed-controller-{settings.fleet}"

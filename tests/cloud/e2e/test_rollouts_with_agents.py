@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from edgefed.common.artifact import generate_signing_key
@@ -55,7 +56,7 @@ def world(
             dep = w.deploy(first, kind="all-at-once", soak_s=0)
             assert w.wait_deployment(dep, {"completed"})["status"] == "completed"
             for agent in w.agents:
-                assert observer.serving(agent.config.agent_id) == first
+                assert observer.serving(agent.config.agent_id, first) == first
             yield w, observer
     finally:
         for agent in w.agents:
@@ -95,7 +96,7 @@ def test_a_good_canary_goes_to_the_canary_first_then_to_everyone(
     assert len(canary_of(dep)) == 1
     assert observer.versions_sent(version) == set(agent_ids(w))
     for agent_id in agent_ids(w):
-        assert observer.serving(agent_id) == version
+        assert observer.serving(agent_id, version) == version
 
 
 def _assert_rolled_back(w: World, observer: Observer, dep: dict[str, object], bad: int) -> None:
@@ -109,7 +110,7 @@ def _assert_rolled_back(w: World, observer: Observer, dep: dict[str, object], ba
     assert rollback > bad, "a rollback is a new, higher version"
     assert versions[rollback]["parent_version"] < bad
     (agent,) = canary
-    assert observer.serving(agent) == rollback
+    assert observer.serving(agent, rollback) == rollback
     for other in set(agent_ids(w)) - canary:
         assert observer.serving(other) < bad  # never moved
 
@@ -166,7 +167,12 @@ def test_a_controller_killed_mid_rollout_resumes_it_after_a_restart(
     ]
     assert len(same) == 1, "no duplicate deployment after the restart"
     for agent_id in agent_ids(w):
-        assert observer.serving(agent_id) == version
+        assert observer.serving(agent_id, version) == version
+    # The operator's view: /metrics counts the fleet from the registry.
+    metrics = httpx.get(f"{w.controller.url}/metrics", timeout=10).text
+    assert 'edgefed_deployments{status="rolled_back"} 2.0' in metrics
+    assert "edgefed_rollbacks 2.0" in metrics
+    assert 'edgefed_agents{state="online"} 3.0' in metrics
     # Versions only go up: every agent's desired states name ever higher versions.
     for agent_id in agent_ids(w):
         told = [m[MODEL] for a, _, m in observer.desired if a == agent_id and MODEL in m]

@@ -346,13 +346,14 @@ class Observer:
         self.outcomes.append((agent_id, version, outcome))
         return version, outcome
 
-    def serving(self, agent_id: str, timeout_s: float = 60) -> int:
-        """The version ``agent_id`` answers with once it answers (waits for it)."""
+    def serving(self, agent_id: str, wanted: int | None = None, timeout_s: float = 60) -> int:
+        """The version ``agent_id`` answers with: ``wanted`` once it does (waits for it, as
+        an agent loads a new version a moment after it is told to), or any version."""
         deadline = time.monotonic() + timeout_s
         while True:
             version, outcome = self.infer(agent_id)
-            if version is not None:
+            if version is not None and (wanted is None or version == wanted):
                 return version
             if time.monotonic() > deadline:
-                raise AssertionError(f"{agent_id} never answered: {outcome}")
-            time.sleep(0.3)
+                raise AssertionError(f"{agent_id} answered {version} ({outcome}), not {wanted}")
+            time.sleep(0.2)
