@@ -147,6 +147,12 @@ async def controller(settings: CloudSettings) -> AsyncIterator[Running]:
         if not isinstance(state, ControllerState):  # pragma: no cover - lifespan sets it
             raise ConfigError("the control API started without its registry")
         app.state.metrics.registry.register(RegistryCollector(state.sessions, settings.fleet))
+        url = _bound_url(server, settings)
+        if ctl.public_url is None and ctl.port == 0:
+            # A free port was bound: artifact URLs handed to agents must name it.
+            ctl = ctl.model_copy(update={"public_url": url})
+            settings = settings.model_copy(update={"controller": ctl})
+            state.settings = settings
         topics = Topics(settings.fleet)
         client = MqttClient.from_settings(
             settings, client_id=f"edgefed-controller-{settings.fleet}"
@@ -179,7 +185,6 @@ async def controller(settings: CloudSettings) -> AsyncIterator[Running]:
             ]
             services = Services(jobs=supervisor, rollouts=engine, fleet=monitor)
             app.state.services = services
-            url = _bound_url(server, settings)
             log.info("controller for fleet %s serving at %s", settings.fleet, url)
             yield Running(
                 settings=settings,

@@ -16,6 +16,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from anyio import to_thread
 from fastapi import FastAPI
@@ -118,4 +119,45 @@ def create_app(settings: CloudSettings, *, services: Services | None = None) -> 
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     for router in ROUTERS:
         app.include_router(router)
+    _document_validation_errors(app)
     return app
+
+
+VALIDATION_ERROR_SCHEMA: dict[str, Any] = {
+    "title": "ValidationErrorBody",
+    "type": "object",
+    "required": ["detail"],
+    "properties": {
+        "detail": {"type": "string", "description": "What was wrong, as one sentence."},
+        "errors": {
+            "type": "array",
+            "description": "The problems one by one (where, kind, message).",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "type": {"type": "string"},
+                    "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
+                    "msg": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+"""What a 422 really looks like (see ``errors.py``): FastAPI documents a list in ``detail``."""
+
+
+def _document_validation_errors(app: FastAPI) -> None:
+    """Make the OpenAPI document describe 422 answers as they are sent."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()
+            schemas = document.get("components", {}).get("schemas", {})
+            if "HTTPValidationError" in schemas:
+                schemas["HTTPValidationError"] = VALIDATION_ERROR_SCHEMA
+                schemas.pop("ValidationError", None)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, status
+from pydantic import StringConstraints
 from sqlalchemy import select, update
 
 from edgefed.cloud.api.deps import (
@@ -29,6 +30,9 @@ from edgefed.cloud.services import Services
 from edgefed.common.topics import ID_PATTERN
 
 log = logging.getLogger(__name__)
+
+LABEL_FILTER = r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}=[^\x00-\x1f\x7f]{0,128}$"
+"""``KEY=VALUE``: a label key as in :data:`~edgefed.cloud.api.schemas.LabelKey`, any value."""
 
 router = APIRouter(prefix="/api/v1", tags=["agents"])
 
@@ -147,7 +151,8 @@ def list_agents(
     services: ServicesDep,
     _who: ReaderDep,
     label: Annotated[
-        list[str] | None, Query(max_length=16, description="Only agents with k=v labels")
+        list[Annotated[str, StringConstraints(pattern=LABEL_FILTER)]] | None,
+        Query(max_length=16, description="Only agents with these labels (KEY=VALUE)"),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,

@@ -202,8 +202,7 @@ def create_deployment(
         status=DeploymentStatus.PENDING,
         created_by=who.actor,
         agents=[
-            DeploymentAgent(agent_id=a, canary=False, phase=AgentPhase.WAITING)
-            for a in agent_ids
+            DeploymentAgent(agent_id=a, canary=False, phase=AgentPhase.WAITING) for a in agent_ids
         ],
     )
     session.add(deployment)
