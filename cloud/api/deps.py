@@ -77,15 +77,24 @@ bearer_scheme = HTTPBearer(
 
 
 def get_principal(
+    request: Request,
     session: SessionDep,
     state: StateDep,
     audit: AuditDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Principal:
-    """The caller behind the bearer token: 401 without a valid one, 429 over its rate."""
-    if credentials is None or not credentials.credentials:
-        raise unauthorized("a bearer token is required (Authorization: Bearer <token>)")
-    principal = authenticate(session, credentials.credentials)
+    """The caller behind the bearer token: 401 without a valid one, 429 over its rate.
+
+    Calls with a missing or invalid token are limited per client address (so guessing tokens
+    or hammering the API without one costs the guesser, not the database)."""
+    try:
+        if credentials is None or not credentials.credentials:
+            raise unauthorized("a bearer token is required (Authorization: Bearer <token>)")
+        principal = authenticate(session, credentials.credentials)
+    except HTTPException:
+        client = request.client.host if request.client else "unknown"
+        state.limiter.check(f"addr:{client}")
+        raise
     audit.actor = principal.actor
     state.limiter.check(f"token:{principal.token_id}")
     return principal

@@ -163,3 +163,17 @@ def test_request_body_over_the_limit_is_413_and_writes_nothing(
             },
         )
         assert ok.status_code == 201
+
+
+def test_calls_with_invalid_tokens_are_rate_limited_per_address(tmp_path: Path) -> None:
+    settings = controller_settings(tmp_path / "ctl", rate_limit_per_minute=5)
+    with (
+        ServedApp(create_app(settings)) as server,
+        httpx.Client(base_url=server.url, timeout=30) as client,
+    ):
+        answers = [client.get("/api/v1/models", headers=bearer(f"guess-{i}")) for i in range(8)]
+        answers.append(client.get("/api/v1/models"))  # no token at all: the same budget
+    codes = [a.status_code for a in answers]
+    assert codes[:5] == [401] * 5
+    assert set(codes[5:]) == {429}
+    assert int(answers[-1].headers["Retry-After"]) >= 1
