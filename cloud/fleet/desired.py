@@ -346,40 +346,47 @@ class DesiredStatePublisher:
         """Generation of the retained desired state the broker holds for the agent (0: none)."""
         return self._broker.get(agent_id, 0)
 
-    async def resync(self, session: Session, agent_ids: Iterable[str] | None = None) -> list[str]:
-        """Republish the stored desired state of every agent (of this fleet, or of
-        ``agent_ids``) whose retained state on the broker is older. Returns their ids."""
-        if not self._started:
-            await self.start()
-        elif self._snapshot_stale:
-            await self._snapshot()
+    def _behind(self, session: Session, agent_ids: Iterable[str] | None) -> list[DesiredState]:
+        """Stored desired states the broker does not hold yet (a worker thread reads them, so
+        the event loop never waits for the database); ends the session's transaction."""
         query = select(Agent).where(
             Agent.fleet == self._topics.fleet, Agent.desired_state.is_not(None)
         )
         if agent_ids is not None:
             query = query.where(Agent.id.in_(list(agent_ids)))
-        behind = [
-            a
-            for a in session.scalars(query)
-            if a.desired_generation > self._broker.get(a.id, 0) or a.id in self._unconfirmed
-        ]
+        behind: list[DesiredState] = []
+        for agent in session.scalars(query):
+            if agent.desired_generation <= self._broker.get(agent.id, 0) and (
+                agent.id not in self._unconfirmed
+            ):
+                continue
+            try:
+                behind.append(DesiredState.model_validate(agent.desired_state))
+            except ValidationError:
+                log.error("agent %s: stored desired state is not valid; not published", agent.id)
+        session.commit()  # only read: no transaction is held while waiting for the broker
+        return behind
+
+    async def resync(self, session: Session, agent_ids: Iterable[str] | None = None) -> list[str]:
+        """Republish the stored desired state of every agent (of this fleet, or of
+        ``agent_ids``) whose retained state on the broker is older. Returns their ids. Ends
+        ``session``'s transaction (a commit) before it publishes: no transaction is held while
+        waiting for the broker."""
+        if not self._started:
+            await self.start()
+        elif self._snapshot_stale:
+            await self._snapshot()
+        behind = await asyncio.to_thread(self._behind, session, agent_ids)
         done = []
         async with self._lock:
-            for agent in behind:
-                try:
-                    state = DesiredState.model_validate(agent.desired_state)
-                except ValidationError:
-                    log.error(
-                        "agent %s: stored desired state is not valid; not published", agent.id
-                    )
-                    continue
+            for state in behind:
                 log.warning(
                     "agent %s: the broker holds desired generation %d, the registry %d: "
                     "publishing the recorded state again",
-                    agent.id,
-                    self._broker.get(agent.id, 0),
+                    state.agent_id,
+                    self._broker.get(state.agent_id, 0),
                     state.generation,
                 )
                 await self._send(state)
-                done.append(agent.id)
+                done.append(state.agent_id)
         return done

@@ -79,6 +79,18 @@ class FleetListener(Protocol):
         """An agent's status arrived (retained on subscription, then on every change)."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """What to write to an agent's registry row (taken in the event loop, written elsewhere)."""
+
+    agent_id: str
+    changes: int
+    state: str
+    last_seen: datetime | None
+    status: dict[str, Any] | None
+    heartbeat: dict[str, Any] | None
+
+
 @dataclass(slots=True)
 class _Live:
     agent_id: str
@@ -91,6 +103,8 @@ class _Live:
     """Monotonic time the agent was last seen going offline (``None`` while it is online)."""
     dirty: bool = False
     state_changed: bool = False
+    changes: int = 0
+    """Bumped by every message: a row write clears ``dirty`` only if nothing came since."""
     last_written: float = float("-inf")
 
     @property
@@ -135,10 +149,7 @@ class FleetMonitor:
             return
         self._started = True
         self._started_at = self._clock()
-        with self._sessions() as session:
-            self._known = set(
-                session.scalars(select(Agent.id).where(Agent.fleet == self._topics.fleet))
-            )
+        self._known = await asyncio.to_thread(self._load_known)
         await self._client.subscribe(self._topics.all_agent_status(), self._on_status)
         await self._client.subscribe(self._topics.all_heartbeats(), self._on_heartbeat, qos=0)
         await self._client.subscribe(self._topics.all_telemetry(), self._on_telemetry)
@@ -147,7 +158,11 @@ class FleetMonitor:
         )
 
     async def run(self) -> None:
-        """Start, then write agent rows (throttled) until cancelled; a last write on the way out."""
+        """Start, then write agent rows (throttled) until cancelled; a last write on the way out.
+
+        Database work runs in a worker thread, never in the event loop: a request of the API
+        holding the write lock (SQLite) or a row lock (PostgreSQL) across its own steps on the
+        same loop would otherwise wait for a loop that waits for it."""
         await self.start()
         tick = max(0.05, min(1.0, self._write_interval_s / 2))
         try:
@@ -156,12 +171,16 @@ class FleetMonitor:
                     await asyncio.wait_for(self._urgent.wait(), tick)
                 self._urgent.clear()
                 try:
-                    self.flush()
+                    await self.flush_async()
                 except Exception:  # the database may be busy or down: try again later
                     log.exception("fleet %s: writing agent rows failed", self._topics.fleet)
         finally:
             with contextlib.suppress(Exception):
-                self.flush(force=True)
+                await self.flush_async(force=True)
+
+    def _load_known(self) -> set[str]:
+        with self._sessions() as session:
+            return set(session.scalars(select(Agent.id).where(Agent.fleet == self._topics.fleet)))
 
     @property
     def topics(self) -> Topics:
@@ -229,46 +248,82 @@ class FleetMonitor:
 
     def flush(self, *, force: bool = False) -> int:
         """Write the rows of agents with news: those whose state changed at once, the others at
-        most every ``write_interval_s``. Returns how many rows were written."""
+        most every ``write_interval_s``. Returns how many rows were written. Blocking: from the
+        event loop use :meth:`flush_async`."""
+        due = self._due(force)
+        return self._done(due, self._write(due)) if due else 0
+
+    async def flush_async(self, *, force: bool = False) -> int:
+        """:meth:`flush` with the database work in a worker thread."""
+        due = self._due(force)
+        if not due:
+            return 0
+        written = await asyncio.to_thread(self._write, due)
+        return self._done(due, written)
+
+    def _due(self, force: bool) -> list[_Row]:
         now = self._clock()
-        due = [
-            e
+        return [
+            _Row(
+                agent_id=e.agent_id,
+                changes=e.changes,
+                state=e.state,
+                last_seen=e.last_seen,
+                status=e.status.model_dump(mode="json") if e.status is not None else None,
+                heartbeat=e.heartbeat.model_dump(mode="json") if e.heartbeat is not None else None,
+            )
             for e in self._agents.values()
             if e.dirty
             and (force or e.state_changed or now - e.last_written >= self._write_interval_s)
         ]
-        if not due:
-            return 0
-        written = 0
+
+    def _write(self, due: list[_Row]) -> set[str]:
+        """Write the rows (any thread); returns the ids of agents that are no longer enrolled."""
+        gone: set[str] = set()
         with self._sessions() as session:
             rows = {
                 a.id: a
                 for a in session.scalars(
-                    select(Agent).where(Agent.id.in_([e.agent_id for e in due]))
+                    select(Agent).where(Agent.id.in_([r.agent_id for r in due]))
                 )
             }
-            for entry in due:
-                row = rows.get(entry.agent_id)
+            for snap in due:
+                row = rows.get(snap.agent_id)
                 if row is None:  # removed since (revoked): forget it
-                    self._known.discard(entry.agent_id)
-                    self._agents.pop(entry.agent_id, None)
+                    gone.add(snap.agent_id)
                     continue
-                row.state = entry.state
-                row.last_seen = entry.last_seen
-                if entry.status is not None:
-                    row.last_status = entry.status.model_dump(mode="json")
-                if entry.heartbeat is not None:
-                    row.last_heartbeat = entry.heartbeat.model_dump(mode="json")
-                written += 1
+                row.state = snap.state
+                row.last_seen = snap.last_seen
+                if snap.status is not None:
+                    row.last_status = snap.status
+                if snap.heartbeat is not None:
+                    row.last_heartbeat = snap.heartbeat
             session.commit()
-        for entry in due:
-            entry.dirty = entry.state_changed = False
+        return gone
+
+    def _done(self, due: list[_Row], gone: set[str]) -> int:
+        now = self._clock()
+        for snap in due:
+            if snap.agent_id in gone:
+                self._known.discard(snap.agent_id)
+                self._agents.pop(snap.agent_id, None)
+                continue
+            entry = self._agents.get(snap.agent_id)
+            if entry is None:
+                continue
             entry.last_written = now
-        return written
+            if entry.changes == snap.changes:
+                entry.dirty = entry.state_changed = False
+        return len(due) - len(gone)
 
     # ------------------------------------------------------------------ handlers
 
-    def _entry(self, topic: str, payload_agent: str | None = None) -> _Live | None:
+    def _is_enrolled(self, agent_id: str) -> bool:
+        with self._sessions() as session:
+            row = session.get(Agent, agent_id)
+            return row is not None and row.fleet == self._topics.fleet
+
+    async def _entry(self, topic: str, payload_agent: str | None = None) -> _Live | None:
         agent_id = self._topics.agent_of(topic)
         if agent_id is None:
             return None
@@ -280,16 +335,17 @@ class FleetMonitor:
                 payload_agent,
             )
             return None
-        if agent_id not in self._known and not self._enrolled(agent_id):
+        if agent_id not in self._known and not await self._enrolled(agent_id):
             return None
         entry = self._agents.get(agent_id)
         if entry is None:
             entry = self._agents[agent_id] = _Live(agent_id)
         entry.last_seen = datetime.now(UTC)
         entry.dirty = True
+        entry.changes += 1
         return entry
 
-    def _enrolled(self, agent_id: str) -> bool:
+    async def _enrolled(self, agent_id: str) -> bool:
         """Look an unknown agent up in the registry (at most every few seconds per id)."""
         now = self._clock()
         checked = self._unknown_checked.get(agent_id)
@@ -298,9 +354,7 @@ class FleetMonitor:
         if len(self._unknown_checked) > 10_000:
             self._unknown_checked.clear()
         self._unknown_checked[agent_id] = now
-        with self._sessions() as session:
-            row = session.get(Agent, agent_id)
-            found = row is not None and row.fleet == self._topics.fleet
+        found = await asyncio.to_thread(self._is_enrolled, agent_id)
         if found:
             self._known.add(agent_id)
             self._unknown_checked.pop(agent_id, None)
@@ -322,7 +376,7 @@ class FleetMonitor:
         except PayloadError as exc:
             log.warning("fleet %s: bad status on %s: %s", self._topics.fleet, message.topic, exc)
             return
-        entry = self._entry(message.topic, status.agent_id)
+        entry = await self._entry(message.topic, status.agent_id)
         if entry is None:
             return
         before = entry.state
@@ -350,7 +404,7 @@ class FleetMonitor:
         except PayloadError as exc:
             log.debug("fleet %s: bad heartbeat on %s: %s", self._topics.fleet, message.topic, exc)
             return
-        entry = self._entry(message.topic, beat.agent_id)
+        entry = await self._entry(message.topic, beat.agent_id)
         if entry is None:
             return
         entry.heartbeat = beat
@@ -366,7 +420,7 @@ class FleetMonitor:
         except PayloadError as exc:
             log.warning("fleet %s: bad telemetry on %s: %s", self._topics.fleet, message.topic, exc)
             return
-        entry = self._entry(message.topic, batch.agent_id)
+        entry = await self._entry(message.topic, batch.agent_id)
         if entry is None:
             return
         for record in batch.records:

@@ -60,8 +60,9 @@ import logging
 import re
 import shutil
 import statistics
+import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -100,8 +101,8 @@ from edgefed.common.artifact import (
     verify,
     write_artifact,
 )
-from edgefed.common.errors import ArtifactError, PermanentError
-from edgefed.common.schemas import AgentStatus, DesiredModel, Heartbeat
+from edgefed.common.errors import ArtifactError, ErrorCode, PermanentError
+from edgefed.common.schemas import AgentStatus, DesiredModel, DesiredState, Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,17 @@ SENT = (AgentPhase.DESIRED, AgentPhase.LOADED, AgentPhase.FAILED)
 """Phases of an agent that was sent the deployment's version."""
 _LOADED_STEPS = ("loaded", "restored")
 _FAILED_STEPS = ("failed", "rejected")
+VERSION_FAULTS = frozenset(
+    {
+        str(ErrorCode.INTERNAL),
+        str(ErrorCode.UNAVAILABLE),
+        str(ErrorCode.TIMEOUT),
+        str(ErrorCode.OVERLOADED),
+    }
+)
+"""Outcomes the error-rate gate holds against a version: the agent failed the request. Caller
+errors (malformed input, a text over the model's length, an expired deadline, an unknown
+model) say nothing about the version and never roll it back."""
 _VERSION_DIR = re.compile(r"^v([0-9]+)$")
 
 
@@ -165,6 +177,7 @@ class RolloutEngine:
         self._wake = asyncio.Event()
         self._lifecycle: OrderedDict[tuple[str, str, int], LifecycleEvent] = OrderedDict()
         self._baselines: dict[int, dict[str, dict[str, int]]] = {}
+        self._stopping = False
         self._step_status: dict[int, DeploymentStatus] = {}
         """The status each deployment had when its current step read it (for the guard)."""
         fleet.add_listener(self)
@@ -191,21 +204,60 @@ class RolloutEngine:
             loop.call_soon_threadsafe(self._wake.set)
 
     async def run(self) -> None:
-        """Until cancelled: republish what the broker missed, then tick."""
+        """Until cancelled: republish what the broker missed, then tick.
+
+        The steps run in a worker thread with an event loop of its own, so that the database
+        (blocking calls; SQLite's write lock, PostgreSQL's row locks held by an API request
+        between its steps on this loop) never stalls the controller's event loop; publishing
+        goes back to this loop (the MQTT client lives here). Cancelled, it lets the step under
+        way finish (its transaction and publication) and starts no other."""
         self._loop = asyncio.get_running_loop()
-        await self._publisher.start()
-        await self._resync()
-        log.info("rollout engine running (tick %.2f s)", self._tick_s)
-        while True:
-            try:
-                if self._publisher.needs_resync:
-                    await self._resync()
-                await self.tick()
-            except Exception:  # a broken tick must not end rollouts: the next one tries again
-                log.exception("rollout tick failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._tick_s)
-            self._wake.clear()
+        self._stopping = False
+        worker = asyncio.new_event_loop()
+        thread = threading.Thread(target=worker.run_forever, name="rollout-engine", daemon=True)
+        thread.start()
+        try:
+            await self._publisher.start()
+            await self._resync()
+            log.info("rollout engine running (tick %.2f s)", self._tick_s)
+            while True:
+                try:
+                    if self._publisher.needs_resync:
+                        await self._resync()
+                    await self._in_worker(worker, self.tick())
+                except Exception:  # a broken tick must not end rollouts: the next one tries
+                    log.exception("rollout tick failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._tick_s)
+                self._wake.clear()
+        finally:
+            self._stopping = True
+            worker.call_soon_threadsafe(worker.stop)
+            await asyncio.to_thread(thread.join, 30)
+            if not thread.is_alive():
+                worker.close()
+
+    async def _in_worker(
+        self, worker: asyncio.AbstractEventLoop, step: Coroutine[Any, Any, None]
+    ) -> None:
+        done = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(step, worker))
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            self._stopping = True  # finish the step under way, then stop
+            with contextlib.suppress(Exception):
+                await asyncio.wait({done})
+            raise
+
+    async def _publish(self, state: DesiredState) -> None:
+        """Publish a recorded desired state through the controller's loop (from any loop)."""
+        loop = self._loop
+        if loop is None or loop is asyncio.get_running_loop():
+            await self._publisher.send(state)
+            return
+        await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(self._publisher.send(state), loop)
+        )
 
     async def _resync(self) -> None:
         with self._sessions() as session:
@@ -232,6 +284,8 @@ class RolloutEngine:
                 )
             )
         for dep_id in ids:
+            if self._stopping:
+                return
             await self._advance(dep_id)
 
     # ------------------------------------------------------------------ FleetListener
@@ -256,6 +310,8 @@ class RolloutEngine:
 
     async def _advance(self, dep_id: int) -> None:
         for _ in range(8):  # a few transitions per tick at most (pending -> canary -> ...)
+            if self._stopping:
+                return
             with self._sessions() as session:
                 dep = session.get(Deployment, dep_id)
                 if dep is None:
@@ -421,6 +477,7 @@ class RolloutEngine:
     ) -> tuple[str | None, dict[str, Any]]:
         row = self._artifact_row(session, model.id, dep.version, dep.target)
         folder = artifact_path(self.store, model.name, dep.version, dep.target)
+        session.commit()  # never hold a transaction (SQLite: the write lock) across an await
         try:
             manifest = await asyncio.to_thread(
                 verify, folder, self._trusted, min_version=dep.version
@@ -594,7 +651,7 @@ class RolloutEngine:
     ) -> tuple[_Failure | None, dict[str, Any]]:
         deltas = self._deltas(session, dep, model, wave)
         total = sum(sum(d.values()) for d in deltas.values())
-        errors = sum(v for d in deltas.values() for k, v in d.items() if k != "ok")
+        errors = sum(v for d in deltas.values() for k, v in d.items() if k in VERSION_FAULTS)
         rate = errors / total if total else 0.0
         figures: dict[str, Any] = {
             "requests": total,
@@ -773,7 +830,7 @@ class RolloutEngine:
             )
             session.commit()
             if state is not None:
-                await self._publisher.send(state)
+                await self._publish(state)
         self._guard(session, dep)
         self._set_status(dep, S.ROLLED_BACK, keep_reason=True)
         self._event(
@@ -800,6 +857,7 @@ class RolloutEngine:
             select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model.id)
         )
         version = max(highest_db or 0, self._highest_in_store(name), dep.version) + 1
+        session.commit()  # nothing written yet; no transaction held across the copy
         while True:  # claim the version folder: a concurrent publication may take one
             version_dir = self.store / name / f"v{version}"
             try:
@@ -938,7 +996,7 @@ class RolloutEngine:
             )
             session.commit()
             if state is not None:
-                await self._publisher.send(state)
+                await self._publish(state)
 
     def _observe(
         self, session: Session, dep: Deployment, model: Model, wave: Sequence[DeploymentAgent]

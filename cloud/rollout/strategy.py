@@ -42,8 +42,9 @@ class RolloutStrategy(BaseModel):
     soak_s: float = Field(default=300.0, ge=0, le=_WEEK_S)
     """How long the gates watch the canary agents once all of them loaded the new version."""
     max_error_rate: float = Field(default=0.05, ge=0, le=1)
-    """Largest share of requests answered with an error (any outcome but ``ok``) on the new
-    version, over the canary agents together."""
+    """Largest share of requests the agents failed on the new version (internal errors,
+    unavailable, timeouts, overload), over the canary agents together; caller errors (bad
+    input, expired deadlines) do not count."""
     min_requests: int = Field(default=20, ge=1, le=1_000_000_000)
     """Requests the canary agents must have answered before error rate and latency are judged;
     with fewer, the gates pass on load alone."""
