@@ -27,6 +27,7 @@ from pathlib import Path
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from edgefed.cloud.jobs.versions import job_version
 from edgefed.cloud.registry.db import make_sessionmaker
 from edgefed.cloud.registry.models import Job, JobStatus
 
@@ -93,6 +94,8 @@ class JobSupervisor:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._recovered = False
+        self.ticks = 0
+        """Passes over the jobs table so far."""
 
     @property
     def running(self) -> dict[int, int]:
@@ -149,15 +152,16 @@ class JobSupervisor:
         self._reap()
         self._cancel_requested()
         self._start_queued()
+        self.ticks += 1
 
     def _reap(self) -> None:
         for job_id, running in list(self._running.items()):
-            code: int | None
+            code: int | None = None
             if running.proc is not None:
                 code = running.proc.poll()
-            else:
-                code = None if _alive(running.pid, job_id) else -1
-            if code is None:
+                if code is None:
+                    continue
+            elif _alive(running.pid, job_id):
                 continue
             del self._running[job_id]
             with self.sessions.begin() as session:
@@ -169,6 +173,8 @@ class JobSupervisor:
                     job.finished_at = datetime.now(UTC)
                     job.worker_pid = None
                     job.error = job.error or "cancelled on request"
+                elif code is None:  # an adopted worker: its exit code is unknown
+                    _requeue_or_fail(job, "its worker stopped without recording an outcome")
                 elif code < 0:  # killed by a signal (out of memory, an operator): try again
                     _requeue_or_fail(job, f"its worker was killed by signal {-code}")
                 else:
@@ -218,6 +224,10 @@ class JobSupervisor:
                 job.error = None
                 job.started_at = job.started_at or datetime.now(UTC)
                 job.heartbeat_at = datetime.now(UTC)
+                version = job_version(session, job, self.store)
+                if version is not None:
+                    job.progress = {**(job.progress or {}), "version": version}
+                session.flush()  # the next job of the same model sees this one's version
                 claimed.append((job.id, job.attempts))
         for job_id, attempt in claimed:
             try:

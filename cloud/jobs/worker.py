@@ -36,6 +36,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from edgefed.cloud.api.schemas import CompressionJobSpec
+from edgefed.cloud.jobs.versions import job_version
 from edgefed.cloud.registry.models import Job, JobStatus, Model, ModelVersion
 
 if TYPE_CHECKING:
@@ -152,36 +153,6 @@ def job_work_dir(store: Path, model: str, job_id: int) -> Path:
     return store / ".work" / f"{model}-job{job_id}"
 
 
-def _choose_version(session: Session, job: Job, model: Model, store: Path) -> int:
-    """The version this job publishes: the one an earlier attempt chose, else one more than
-    any version in the store, the registry or claimed by another unfinished job of the model."""
-    from edgefed.cloud.compress.publish import latest_version
-
-    chosen = (job.progress or {}).get("version")
-    if isinstance(chosen, int) and chosen >= 1:
-        return chosen
-    registered = session.scalars(
-        select(ModelVersion.version).where(ModelVersion.model_id == model.id)
-    ).all()
-    claimed = [
-        (other.progress or {}).get("version")
-        for other in session.scalars(
-            select(Job).where(
-                Job.id != job.id,
-                Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)),
-            )
-        )
-        if (other.spec or {}).get("model") == model.name
-    ]
-    return 1 + max(
-        [
-            latest_version(store, model.name),
-            *registered,
-            *(c for c in claimed if isinstance(c, int)),
-        ]
-    )
-
-
 def _remove_unregistered(
     sessions: sessionmaker[Session], store: Path, name: str, version: int
 ) -> None:
@@ -199,6 +170,18 @@ def _remove_unregistered(
     if known is None:
         log.warning("removing %s, left unregistered by an interrupted attempt", folder)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _check_teacher_dir(path: Path) -> None:
+    """The pipeline's own first check of the teacher, early (cheap, no torch import)."""
+    from edgefed.cloud.compress.errors import TeacherError
+
+    if not path.exists():
+        raise TeacherError(f"teacher directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise TeacherError(
+            f"teacher directory {path} is not a Hugging Face model: it has no config.json"
+        )
 
 
 def _remove_work(store: Path, name: str, version: int, job_id: int) -> None:
@@ -236,10 +219,6 @@ def _summary(result: CompressResult) -> dict[str, Any]:
 
 def run_job(sessions: sessionmaker[Session], job_id: int, store: Path, signing_key: Path) -> int:
     """Run one compression job to its end; returns the process exit code."""
-    from edgefed.cloud.compress.pipeline import compress
-    from edgefed.cloud.registry.artifacts import register_artifacts
-    from edgefed.common.artifact import load_signing_key
-
     write = _ProgressWriter(sessions, job_id)
     name: str | None = None
     version: int | None = None
@@ -264,10 +243,17 @@ def run_job(sessions: sessionmaker[Session], job_id: int, store: Path, signing_k
                 _finish(job, JobStatus.FAILED, error=f"model {spec.model!r} is not registered")
                 return EXIT_FAILED
             name = model.name
-            version = _choose_version(session, job, model, store)
+            version = job_version(session, job, store)
+            assert version is not None  # the model exists
             job.progress = {**(job.progress or {}), "version": version}
             job.heartbeat_at = datetime.now(UTC)
         _remove_unregistered(sessions, store, name, version)
+        _check_teacher_dir(Path(spec.teacher_dir))  # before the slow imports below
+        # The pipeline's imports (torch, transformers, Optimum) take seconds: only now.
+        from edgefed.cloud.compress.pipeline import compress
+        from edgefed.cloud.registry.artifacts import register_artifacts
+        from edgefed.common.artifact import load_signing_key
+
         key = load_signing_key(signing_key)
         config = compression_config(
             spec, job_id=job_id, version=version, store=store, signing_key=signing_key

@@ -91,7 +91,7 @@ from edgefed.cloud.registry.models import (
     ModelVersion,
     RolloutEvent,
 )
-from edgefed.cloud.rollout.strategy import RolloutStrategy, Selector
+from edgefed.cloud.rollout.strategy import RolloutStrategy, Selector, quality_problem
 from edgefed.common.artifact import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
@@ -496,24 +496,7 @@ class RolloutEngine:
         metrics: dict[str, float] = dict(manifest.metrics)
         if row is not None and row.metrics:
             metrics.update({k: float(v) for k, v in row.metrics.items() if _is_number(v)})
-        figures: dict[str, Any] = {"quality": {}}
-        for bound, limits in (("min", strategy.min_quality), ("max", strategy.max_quality)):
-            for key, limit in limits.items():
-                value = metrics.get(key, metrics.get(f"quality.{key}"))
-                if value is None:
-                    return (
-                        f"quality gate: the validation report of {model.name} v{dep.version} "
-                        f"for {dep.target} has no figure {key!r}",
-                        figures,
-                    )
-                figures["quality"][key] = value
-                if (bound == "min" and value < limit) or (bound == "max" and value > limit):
-                    word = "below the minimum" if bound == "min" else "above the maximum"
-                    return (
-                        f"quality gate: {key} = {value:.4g} is {word} of {limit:.4g}",
-                        {**figures, "gate": "quality", "limit": {key: limit}},
-                    )
-        return None, figures
+        return quality_problem(metrics, strategy, f"{model.name} v{dep.version} for {dep.target}")
 
     # canary ----------------------------------------------------------------------------
 

@@ -104,3 +104,27 @@ class Selector(BaseModel):
         return self.labels is None or all(
             str(labels.get(k)) == str(v) and k in labels for k, v in self.labels.items()
         )
+
+
+def quality_problem(
+    metrics: dict[str, float], strategy: RolloutStrategy, what: str
+) -> tuple[str | None, dict[str, Any]]:
+    """Why the validation report ``metrics`` of ``what`` (e.g. ``"m v3 for x86"``) fails the
+    strategy's ``min_quality`` / ``max_quality`` (None: it passes), and the figures read."""
+    figures: dict[str, Any] = {"quality": {}}
+    for bound, limits in (("min", strategy.min_quality), ("max", strategy.max_quality)):
+        for key, limit in limits.items():
+            value = metrics.get(key, metrics.get(f"quality.{key}"))
+            if value is None:
+                return (
+                    f"quality gate: the validation report of {what} has no figure {key!r}",
+                    figures,
+                )
+            figures["quality"][key] = value
+            if (bound == "min" and value < limit) or (bound == "max" and value > limit):
+                word = "below the minimum" if bound == "min" else "above the maximum"
+                return (
+                    f"quality gate: {key} = {value:.4g} is {word} of {limit:.4g}",
+                    {**figures, "gate": "quality", "limit": {key: limit}},
+                )
+    return None, figures

@@ -50,7 +50,7 @@ from edgefed.cloud.registry.models import (
     ModelVersion,
     RolloutEvent,
 )
-from edgefed.cloud.rollout.strategy import RolloutStrategy, Selector
+from edgefed.cloud.rollout.strategy import RolloutStrategy, Selector, quality_problem
 from edgefed.cloud.services import Services
 from edgefed.common.topics import ID_PATTERN
 
@@ -174,6 +174,17 @@ def create_deployment(
             status.HTTP_404_NOT_FOUND,
             f"{body.model} v{body.version} has no artifact for target {body.target!r}",
         )
+    problem, _ = quality_problem(
+        {
+            k: float(v)
+            for k, v in (artifact.metrics or {}).items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        },
+        RolloutStrategy.model_validate(body.strategy.model_dump()),
+        f"{body.model} v{body.version} for {body.target}",
+    )
+    if problem is not None:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, problem)
     agent_ids = resolve_selector(session, body, state.settings.fleet)
     busy = session.execute(
         select(DeploymentAgent.agent_id, Deployment.id)
@@ -245,7 +256,7 @@ def list_deployments(
         query = query.where(Deployment.status == dep_status)
     return [
         DeploymentPublic(**deployment_public(dep, name).model_dump(exclude={"events"}))
-        for dep, name in session.execute(query).tuples()
+        for dep, name in session.execute(query)
     ]
 
 

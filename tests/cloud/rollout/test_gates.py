@@ -181,13 +181,23 @@ async def test_an_artifact_below_the_minimum_quality_is_refused_before_anything_
     cloud.publish_version(1)
     cloud.publish_version(2, metrics={"cosine_mean": 0.81})
 
-    dep, agents, spy = await rollout_v2(
-        cloud, lambda _a: None, {"min_quality": {"cosine_mean": 0.9}}, S.ABORTED
-    )
+    async with (
+        running_controller(cloud) as ctl,
+        sim_agents(cloud, *AGENTS, site="a") as agents,
+        api_client(cloud, ctl) as api,
+        desired_spy(cloud) as spy,
+    ):
+        low = await api.post("/api/v1/deployments", json=body(2, min_quality={"cosine_mean": 0.9}))
+        missing = await api.post(
+            "/api/v1/deployments", json=body(2, min_quality={"agreement": 0.9})
+        )
+        listed = await api.get("/api/v1/deployments")
 
-    assert dep.reason.startswith("refused: quality gate: cosine_mean = 0.81"), dep.reason
-    assert spy.seen == []
-    assert all(ag.loaded == {MODEL: 1} for ag in agents.values())
-    assert all(da.phase == AgentPhase.WAITING for da in dep.agents)
-    assert dep.rollback_version is None
+    assert low.status_code == 422, low.text
+    assert "cosine_mean = 0.81 is below the minimum of 0.9" in low.json()["detail"]
+    assert missing.status_code == 422, missing.text
+    assert "has no figure 'agreement'" in missing.json()["detail"]
+    assert listed.json() == []  # nothing written
+    assert spy.seen == []  # nothing published
+    assert all(ag.loaded == {} for ag in agents.values())
     assert 3 not in cloud.versions()
