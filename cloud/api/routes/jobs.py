@@ -123,7 +123,12 @@ def create_compression_job(
     who: OperatorDep,
     audit: AuditDep,
 ) -> JobPublic:
-    """Queue a compression of a registered model into signed artifacts for ``targets``."""
+    """Queue a compression of a registered model into signed artifacts for ``targets``.
+
+    Refused before anything is queued: an unknown model (404), unknown targets, a teacher
+    directory that is gone, a student the teacher cannot give (more layers than it has, layer
+    indices outside it), data that does not exist (422)."""
+    audit.resource = f"model:{body.model}"
     model = get_model(session, body.model)
     unknown = [t for t in body.targets if t not in TARGETS]
     if unknown:
