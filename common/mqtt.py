@@ -501,14 +501,17 @@ class MqttClient:
         if qos == 0 and info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
             raise BrokerUnavailable(f"not connected: QoS 0 message to {topic} dropped")
         self._flush(client)
-        if qos == 0 or not wait or info.is_published():
+        # paho's is_published() raises for a message queued while disconnected (rc NO_CONN):
+        # such a message is sent after the reconnect and its PUBACK resolves the future below.
+        queued = info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN
+        if qos == 0 or not wait or (not queued and info.is_published()):
             return
         loop = self._running_loop()
         fut = self._pending_pubacks.get(info.mid)
         if fut is None:
             fut = loop.create_future()
             self._pending_pubacks[info.mid] = fut
-        if info.is_published():  # acknowledged while we registered
+        if not queued and info.is_published():  # acknowledged while we registered
             self._pending_pubacks.pop(info.mid, None)
             return
         limit = timeout if timeout is not None else self.settings.publish_timeout_s

@@ -310,6 +310,32 @@ async def test_messages_queued_while_the_broker_is_down_are_sent_after_it_return
     assert sorted(m.payload for m in received) == [f"queued {i}".encode() for i in range(5)]
 
 
+async def test_a_publish_that_waits_for_its_ack_waits_through_an_outage(
+    tmp_path: Path, fleet: str, topics: Topics
+) -> None:
+    topic = topics.telemetry("a2")
+    got: asyncio.Queue[Message] = asyncio.Queue()
+
+    async def on_message(msg: Message) -> None:
+        await got.put(msg)
+
+    with PrivateBroker(data_dir=tmp_path / "b", persistence=True) as b:
+        settings = fast_settings(b.url, fleet)
+        async with client(settings, "collector") as sub, client(settings, "sender") as pub:
+            await sub.subscribe(topic, on_message)
+            await wait_broker_saved(b, time.time())
+            b.kill()
+            await asyncio.sleep(0.2)
+            assert not pub.connected
+            sending = asyncio.create_task(pub.publish(topic, b"through", timeout=20))
+            await asyncio.sleep(0.2)
+            assert not sending.done()  # waiting for the broker, not failed
+            b.start()
+            await sending  # acknowledged after the reconnect
+            message = await asyncio.wait_for(got.get(), 10)
+    assert message.payload == b"through"
+
+
 async def test_last_will_marks_a_killed_client_offline(
     broker: PrivateBroker, settings: Settings, fleet: str, topics: Topics
 ) -> None:
