@@ -6,7 +6,7 @@ Everything runs on this machine, side by side in one run: a private mosquitto, t
 own process (``edgefed edge run`` on a state directory holding the installed model, as after a
 restart: no controller involved), and the load generator in this process. Figures:
 
-* ``direct_*``: ``EdgeModel.run_texts`` on one text at a time, in this process;
+* ``direct_*``: ``OnnxModel.run_texts`` on one text at a time, in this process;
 * ``agent_c1_*``: one request at a time through MQTT v5 request/reply (overhead ratio against
   direct at the median);
 * ``agent_c16_nobatch_*`` / ``agent_c16_batch_*``: 16 concurrent requesters, the agent with
@@ -39,10 +39,10 @@ from edgefed.common.broker import PrivateBroker
 from edgefed.common.mqtt import MqttClient
 from edgefed.common.rpc import Requester
 from edgefed.common.schemas import DesiredModel, InferenceReply, InferenceRequest
+from edgefed.common.serving.runtime import OnnxModel
 from edgefed.common.settings import load_settings
 from edgefed.common.topics import Topics
 from edgefed.edge.config import AgentConfig, LocalEndpoint
-from edgefed.edge.runtime import EdgeModel
 from edgefed.edge.store import ModelStore
 
 FLEET = "bench"
@@ -204,7 +204,7 @@ async def wait_answering(url: str, model: str, proc: subprocess.Popen[bytes]) ->
 
 
 def direct(artifact: Path, manifest: Manifest, requests: int) -> dict[str, float]:
-    model = EdgeModel.load(artifact, manifest, providers=["CPUExecutionProvider"])
+    model = OnnxModel.load(artifact, manifest, providers=["CPUExecutionProvider"])
     model.warm_up()
     for _ in range(30):
         model.run_texts([TEXT], {})

@@ -40,14 +40,14 @@ from edgefed.common.schemas import (
     TelemetryRecord,
     decode,
 )
+from edgefed.common.serving.runtime import OnnxModel
+from edgefed.common.serving.service import Batcher, InferenceService, ModelTable
 from edgefed.common.settings import BrokerAddress, Settings
 from edgefed.common.topics import Topics
 from edgefed.edge.config import AgentConfig
 from edgefed.edge.fetch import ArtifactFetcher
 from edgefed.edge.metrics import AgentMetrics
 from edgefed.edge.reconcile import ModelEvent, Reconciler
-from edgefed.edge.runtime import EdgeModel
-from edgefed.edge.serving import Batcher, InferenceService, ModelTable
 from edgefed.edge.store import ModelStore
 from edgefed.edge.telemetry import LatencyWindow, Outbox, drain_outbox, sample_resources
 
@@ -120,9 +120,9 @@ class Agent:
                     },
                 )
 
-    def _loader(self, directory: Path, manifest: Manifest, desired: DesiredModel) -> EdgeModel:
+    def _loader(self, directory: Path, manifest: Manifest, desired: DesiredModel) -> OnnxModel:
         self._configure(desired)
-        return EdgeModel.load(
+        return OnnxModel.load(
             directory,
             manifest,
             providers=list(desired.providers or self.config.providers),
@@ -213,7 +213,7 @@ class Agent:
             return
         await self._desired.put(desired)
 
-    async def _reconcile_loop(self, reconciler: Reconciler[EdgeModel]) -> None:
+    async def _reconcile_loop(self, reconciler: Reconciler[OnnxModel]) -> None:
         retry_delay = 2.0
         while True:
             try:
@@ -294,7 +294,7 @@ class Agent:
                 trusted_keys=self.keys,
                 limits=self.settings.artifact,
             )
-            reconciler: Reconciler[EdgeModel] = Reconciler(
+            reconciler: Reconciler[OnnxModel] = Reconciler(
                 store=self.store,
                 table=self.table,
                 loader=self._loader,

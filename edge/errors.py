@@ -1,8 +1,9 @@
-"""Errors of the edge agent. Each says whether a retry can help (temporary) or not."""
+"""Errors of the edge agent. Each says whether a retry can help (temporary) or not. Errors of
+model loading and serving live in :mod:`edgefed.common.serving.errors`."""
 
 from __future__ import annotations
 
-from edgefed.common.errors import ErrorCode, PermanentError, TemporaryError
+from edgefed.common.errors import PermanentError, TemporaryError
 
 
 class AgentError(PermanentError):
@@ -29,25 +30,3 @@ class NotJoined(AgentError):
 
 class FetchError(TemporaryError):
     """An artifact download failed part-way; a retry resumes it."""
-
-
-class ModelLoadError(AgentError):
-    """A verified artifact could not be loaded into an inference session."""
-
-
-class UnknownModelError(AgentError):
-    """A request names a model this agent does not serve."""
-
-    code = ErrorCode.NOT_FOUND
-
-
-class InputTooLongError(AgentError):
-    """A request's text or tensors exceed the model's limits."""
-
-    code = ErrorCode.MALFORMED
-
-
-class OverloadedError(TemporaryError):
-    """The agent's request queue is full; retry later or elsewhere."""
-
-    code = ErrorCode.OVERLOADED

@@ -79,7 +79,7 @@ class ModelEvent:
 
 
 class ServableModel(Protocol):
-    """What the reconciler needs of a loaded model (``edgefed.edge.runtime.EdgeModel``)."""
+    """What the reconciler needs of a loaded model (``common.serving.runtime.OnnxModel``)."""
 
     def warm_up(self) -> object:
         """Run a few inferences so the first request is not slow; raise when the model fails.
@@ -91,7 +91,7 @@ M = TypeVar("M", bound=ServableModel)
 
 
 class ModelTableLike(Protocol[M]):
-    """The serving table (``edgefed.edge.serving.ModelTable``): models by name."""
+    """The serving table (``edgefed.common.serving.service.ModelTable``): models by name."""
 
     def swap(self, model: M) -> M | None:
         """Serve ``model`` under its name from now on; return the one it replaced."""

@@ -13,11 +13,11 @@ from edgefed.common.errors import ErrorCode, RemotePermanentError
 from edgefed.common.mqtt import MqttClient
 from edgefed.common.rpc import Requester, serve
 from edgefed.common.schemas import InferenceReply, InferenceRequest, Priority
+from edgefed.common.serving.runtime import CPU, OnnxModel
+from edgefed.common.serving.service import Batcher, InferenceService, ModelTable
 from edgefed.common.settings import Settings
 from edgefed.common.topics import Topics
 from edgefed.edge.metrics import AgentMetrics
-from edgefed.edge.runtime import CPU, EdgeModel
-from edgefed.edge.serving import Batcher, InferenceService, ModelTable
 
 from .tiny_artifacts import SENTENCES, TinyArtifacts
 
@@ -41,7 +41,7 @@ async def served(
 ) -> AsyncIterator[Served]:
     table = ModelTable()
     for art in (tiny_artifacts.embed, tiny_artifacts.classify, tiny_artifacts.generate):
-        table.swap(EdgeModel.load(art.dir, art.manifest, providers=[CPU]))
+        table.swap(OnnxModel.load(art.dir, art.manifest, providers=[CPU]))
     metrics = AgentMetrics(AGENT)
     async with (
         MqttClient.from_settings(settings, client_id=AGENT) as agent,

@@ -1,7 +1,7 @@
 """Desired-state reconciliation with real signed artifacts on disk, the real HTTP stub, the real
 fetcher and store. The loaded "model" is a tiny fake with ``warm_up`` (the artifacts hold random
 bytes): these tests are about which version is served when, not about running one; a test with
-the real EdgeModel belongs with the runtime."""
+the real OnnxModel belongs with the runtime."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import pytest
 from edgefed.common.artifact import SIGNATURE_NAME, Manifest, SigningKey, generate_signing_key
 from edgefed.common.errors import RejectReason
 from edgefed.common.schemas import DesiredModel
+from edgefed.common.serving.errors import ModelLoadError
 from edgefed.common.settings import ArtifactSettings
-from edgefed.edge.errors import ModelLoadError
 from edgefed.edge.fetch import ArtifactFetcher
 from edgefed.edge.reconcile import ModelEvent, Reconciler
 from edgefed.edge.store import ModelStore
@@ -37,7 +37,7 @@ from .random_artifacts import (
 
 @dataclass
 class FakeModel:
-    """Stands in for EdgeModel (see the module docstring)."""
+    """Stands in for OnnxModel (see the module docstring)."""
 
     name: str
     version: int

@@ -10,13 +10,13 @@ import torch
 
 from edgefed.cloud.compress.runtime import OnnxRunner, TorchRunner, tokenize
 from edgefed.common.errors import ErrorCode, PayloadError
-from edgefed.edge.errors import InputTooLongError, ModelLoadError
-from edgefed.edge.runtime import (
+from edgefed.common.serving.errors import InputTooLongError, ModelLoadError
+from edgefed.common.serving.runtime import (
     CPU,
     CUDA,
     MAX_NEW_TOKENS_CAP,
     TENSORRT,
-    EdgeModel,
+    OnnxModel,
     provider_options,
 )
 
@@ -25,22 +25,22 @@ from .tiny_artifacts import LABELS, SENTENCES, TinyArtifact, TinyArtifacts, resi
 ALL_PROVIDERS = [TENSORRT, CUDA, CPU]
 
 
-def load(art: TinyArtifact) -> EdgeModel:
-    return EdgeModel.load(art.dir, art.manifest, providers=ALL_PROVIDERS)
+def load(art: TinyArtifact) -> OnnxModel:
+    return OnnxModel.load(art.dir, art.manifest, providers=ALL_PROVIDERS)
 
 
 @pytest.fixture(scope="module")
-def embed(tiny_artifacts: TinyArtifacts) -> EdgeModel:
+def embed(tiny_artifacts: TinyArtifacts) -> OnnxModel:
     return load(tiny_artifacts.embed)
 
 
 @pytest.fixture(scope="module")
-def classify(tiny_artifacts: TinyArtifacts) -> EdgeModel:
+def classify(tiny_artifacts: TinyArtifacts) -> OnnxModel:
     return load(tiny_artifacts.classify)
 
 
 @pytest.fixture(scope="module")
-def generate(tiny_artifacts: TinyArtifacts) -> EdgeModel:
+def generate(tiny_artifacts: TinyArtifacts) -> OnnxModel:
     return load(tiny_artifacts.generate)
 
 
@@ -54,7 +54,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_attributes_come_from_the_manifest_and_configs(
-    embed: EdgeModel, classify: EdgeModel, generate: EdgeModel
+    embed: OnnxModel, classify: OnnxModel, generate: OnnxModel
 ) -> None:
     assert (embed.name, embed.version, embed.task, embed.role) == (
         "tiny-embed",
@@ -69,7 +69,7 @@ def test_attributes_come_from_the_manifest_and_configs(
     assert any(name.startswith("past_key_values") for name in generate.input_specs)
 
 
-def test_providers_fall_back_to_cpu_here(embed: EdgeModel) -> None:
+def test_providers_fall_back_to_cpu_here(embed: OnnxModel) -> None:
     assert embed.providers == [CPU]
 
 
@@ -99,7 +99,7 @@ def test_a_missing_tokenizer_is_a_load_error(tiny_artifacts: TinyArtifacts, tmp_
         drop=("tokenizer.json",),
     )
     with pytest.raises(ModelLoadError, match=r"no tokenizer\.json"):
-        EdgeModel.load(tmp_path / "a", manifest, providers=[CPU])
+        OnnxModel.load(tmp_path / "a", manifest, providers=[CPU])
 
 
 def test_a_missing_or_broken_graph_is_a_load_error(
@@ -107,7 +107,7 @@ def test_a_missing_or_broken_graph_is_a_load_error(
 ) -> None:
     manifest = tiny_artifacts.embed.manifest
     with pytest.raises(ModelLoadError, match=r"no model\.onnx"):
-        EdgeModel.load(tmp_path, manifest, providers=[CPU])
+        OnnxModel.load(tmp_path, manifest, providers=[CPU])
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "model.onnx").write_bytes(b"not a graph")
@@ -115,14 +115,14 @@ def test_a_missing_or_broken_graph_is_a_load_error(
         (tiny_artifacts.embed.dir / "tokenizer.json").read_bytes()
     )
     with pytest.raises(ModelLoadError, match="ONNX Runtime refused"):
-        EdgeModel.load(broken, manifest, providers=[CPU])
+        OnnxModel.load(broken, manifest, providers=[CPU])
 
 
 # --------------------------------------------------------------------------- texts
 
 
 def test_embeddings_match_torch_mean_pooling(
-    tiny_artifacts: TinyArtifacts, embed: EdgeModel
+    tiny_artifacts: TinyArtifacts, embed: OnnxModel
 ) -> None:
     art = tiny_artifacts.embed
     ids, mask = tokenize(tiny_artifacts.tokenizer, SENTENCES, max_length=128)
@@ -140,14 +140,14 @@ def test_embeddings_match_torch_mean_pooling(
     np.testing.assert_allclose(raw, onnx_pooled, atol=1e-5)
 
 
-def test_padding_in_a_batch_does_not_change_a_text_s_result(embed: EdgeModel) -> None:
+def test_padding_in_a_batch_does_not_change_a_text_s_result(embed: OnnxModel) -> None:
     together = embed.run_texts(SENTENCES[:4], {})
     alone = [embed.run_texts([text], {})[0] for text in SENTENCES[:4]]
     for a, b in zip(together, alone, strict=True):
         np.testing.assert_allclose(a["embedding"], b["embedding"], atol=1e-5)
 
 
-def test_run_text_batch_splits_outputs_back_per_request(embed: EdgeModel) -> None:
+def test_run_text_batch_splits_outputs_back_per_request(embed: OnnxModel) -> None:
     batch = [(SENTENCES[:2], {}), (SENTENCES[2:3], {"normalize": False}), (SENTENCES[3:6], {})]
     results = embed.run_text_batch(batch)
     assert [len(r) for r in results] == [2, 1, 3]
@@ -156,7 +156,7 @@ def test_run_text_batch_splits_outputs_back_per_request(embed: EdgeModel) -> Non
 
 
 def test_classification_gives_a_label_and_scores_that_sum_to_one(
-    tiny_artifacts: TinyArtifacts, classify: EdgeModel
+    tiny_artifacts: TinyArtifacts, classify: OnnxModel
 ) -> None:
     out = classify.run_texts(SENTENCES[:3], {})
     ids, mask = tokenize(tiny_artifacts.tokenizer, SENTENCES[:3], max_length=128)
@@ -181,7 +181,7 @@ def _prompt_ids(tiny_artifacts: TinyArtifacts, text: str) -> list[int]:
 
 
 def test_greedy_generation_matches_torch_and_stops_at_max_new_tokens(
-    tiny_artifacts: TinyArtifacts, generate: EdgeModel
+    tiny_artifacts: TinyArtifacts, generate: OnnxModel
 ) -> None:
     prompt = SENTENCES[0]
     (out,) = generate.run_texts([prompt], {"max_new_tokens": 6})
@@ -222,14 +222,14 @@ def test_generation_stops_at_the_end_of_sequence_token(
         version=2,
         edit_json={"generation_config.json": {"eos_token_id": [sep, first]}},
     )
-    model = EdgeModel.load(tmp_path / "eos", manifest, providers=[CPU])
+    model = OnnxModel.load(tmp_path / "eos", manifest, providers=[CPU])
     (out,) = model.run_texts([prompt], {"max_new_tokens": 5})
     assert out == {"text": "", "tokens": 0}
     assert second != first
 
 
 def test_a_text_longer_than_the_model_takes_is_refused_not_truncated(
-    embed: EdgeModel, generate: EdgeModel
+    embed: OnnxModel, generate: OnnxModel
 ) -> None:
     long_text = "word " * 200
     with pytest.raises(InputTooLongError, match=r"text 1 is 202 tokens long.*at most 128") as err:
@@ -250,14 +250,14 @@ def test_a_text_longer_than_the_model_takes_is_refused_not_truncated(
     ],
 )
 def test_bad_generation_parameters_are_payload_errors(
-    generate: EdgeModel, texts: list[str], parameters: dict[str, object], match: str
+    generate: OnnxModel, texts: list[str], parameters: dict[str, object], match: str
 ) -> None:
     with pytest.raises(PayloadError, match=match):
         generate.run_texts(texts, parameters)
 
 
 def test_warm_up_runs_every_kind(
-    embed: EdgeModel, classify: EdgeModel, generate: EdgeModel
+    embed: OnnxModel, classify: OnnxModel, generate: OnnxModel
 ) -> None:
     for model in (embed, classify, generate):
         model.warm_up()
@@ -267,7 +267,7 @@ def test_warm_up_runs_every_kind(
 
 
 def test_run_tensors_feeds_the_graph_and_fills_what_it_can(
-    tiny_artifacts: TinyArtifacts, embed: EdgeModel, generate: EdgeModel
+    tiny_artifacts: TinyArtifacts, embed: OnnxModel, generate: OnnxModel
 ) -> None:
     ids, mask = tokenize(tiny_artifacts.tokenizer, SENTENCES[:2], max_length=128)
     out = embed.run_tensors({"input_ids": ids, "attention_mask": mask})  # no token_type_ids
@@ -286,7 +286,7 @@ def test_run_tensors_feeds_the_graph_and_fills_what_it_can(
 
 
 def test_run_tensors_continues_a_decoder_from_its_cache(
-    tiny_artifacts: TinyArtifacts, generate: EdgeModel
+    tiny_artifacts: TinyArtifacts, generate: OnnxModel
 ) -> None:
     ids = np.asarray([_prompt_ids(tiny_artifacts, SENTENCES[2])], dtype=np.int64)
     full = generate.run_tensors({"input_ids": ids})
@@ -312,7 +312,7 @@ def test_run_tensors_continues_a_decoder_from_its_cache(
     ],
 )
 def test_malformed_tensors_are_refused_with_a_clear_error(
-    embed: EdgeModel, tensors: dict[str, np.ndarray], error: type[Exception], match: str
+    embed: OnnxModel, tensors: dict[str, np.ndarray], error: type[Exception], match: str
 ) -> None:
     with pytest.raises(error, match=match):
         embed.run_tensors(tensors)

@@ -15,22 +15,22 @@ import pytest
 from edgefed.common.errors import ErrorCode
 from edgefed.common.mqtt import Message
 from edgefed.common.schemas import Decoded, InferenceReply, InferenceRequest, Priority
-from edgefed.edge.errors import InputTooLongError, OverloadedError, UnknownModelError
-from edgefed.edge.metrics import AgentMetrics
-from edgefed.edge.runtime import CPU, EdgeModel
-from edgefed.edge.serving import (
+from edgefed.common.serving.errors import InputTooLongError, OverloadedError, UnknownModelError
+from edgefed.common.serving.runtime import CPU, OnnxModel
+from edgefed.common.serving.service import (
     Batcher,
     DeadlineExpired,
     InferenceService,
     ModelTable,
     ServiceStopped,
 )
+from edgefed.edge.metrics import AgentMetrics
 
 from .tiny_artifacts import SENTENCES, TinyArtifacts, resign
 
 
 class FakeModel:
-    """Stands in for an EdgeModel: echoes texts, records every batch, takes ``compute_s``."""
+    """Stands in for an OnnxModel: echoes texts, records every batch, takes ``compute_s``."""
 
     def __init__(self, name: str = "fake", version: int = 1, compute_s: float = 0.0) -> None:
         self.name = name
@@ -75,15 +75,15 @@ class CountingSession:
 
 
 @pytest.fixture
-def embed(tiny_artifacts: TinyArtifacts) -> EdgeModel:
+def embed(tiny_artifacts: TinyArtifacts) -> OnnxModel:
     art = tiny_artifacts.embed
-    return EdgeModel.load(art.dir, art.manifest, providers=[CPU])
+    return OnnxModel.load(art.dir, art.manifest, providers=[CPU])
 
 
 # --------------------------------------------------------------------------- model table
 
 
-def test_model_table_get_swap_remove_and_report(embed: EdgeModel) -> None:
+def test_model_table_get_swap_remove_and_report(embed: OnnxModel) -> None:
     table = ModelTable()
     with pytest.raises(UnknownModelError, match=r"'tiny-embed' is not served here \(serving: none"):
         table.get("tiny-embed")
@@ -109,7 +109,7 @@ def test_model_table_get_swap_remove_and_report(embed: EdgeModel) -> None:
 
 
 async def test_concurrent_requests_form_one_micro_batch_and_one_ort_call(
-    embed: EdgeModel,
+    embed: OnnxModel,
 ) -> None:
     counting = CountingSession(embed.session)
     embed.session = counting
@@ -130,7 +130,7 @@ async def test_concurrent_requests_form_one_micro_batch_and_one_ort_call(
     assert len(results[-1].outputs) == 2
 
 
-async def test_max_batch_size_one_switches_micro_batching_off(embed: EdgeModel) -> None:
+async def test_max_batch_size_one_switches_micro_batching_off(embed: OnnxModel) -> None:
     counting = CountingSession(embed.session)
     embed.session = counting
     async with Batcher(max_batch_size=8) as batcher:
@@ -140,7 +140,7 @@ async def test_max_batch_size_one_switches_micro_batching_off(embed: EdgeModel) 
     assert batcher.batches_run == 5
 
 
-async def test_a_bad_request_in_a_batch_fails_alone(embed: EdgeModel) -> None:
+async def test_a_bad_request_in_a_batch_fails_alone(embed: OnnxModel) -> None:
     async with Batcher(max_batch_size=8, max_batch_wait_ms=50) as batcher:
         results = await asyncio.gather(
             batcher.submit(embed, texts=[SENTENCES[0]]),
@@ -273,10 +273,10 @@ def _request(**kw: Any) -> tuple[Decoded[InferenceRequest], Message]:
 
 
 async def test_a_swap_while_requests_run_fails_none(
-    tiny_artifacts: TinyArtifacts, embed: EdgeModel, tmp_path: Path
+    tiny_artifacts: TinyArtifacts, embed: OnnxModel, tmp_path: Path
 ) -> None:
     manifest = resign(tiny_artifacts.embed.dir, tmp_path / "v2", key=tiny_artifacts.key, version=2)
-    v2 = EdgeModel.load(tmp_path / "v2", manifest, providers=[CPU])
+    v2 = OnnxModel.load(tmp_path / "v2", manifest, providers=[CPU])
     table = ModelTable()
     table.swap(embed)
     async with Batcher(max_batch_size=4, max_batch_wait_ms=1) as batcher:
@@ -298,7 +298,7 @@ async def test_a_swap_while_requests_run_fails_none(
     assert all(len(r.outputs["results"]) == 1 for r in replies)
 
 
-async def test_the_handler_checks_the_request_before_queueing(embed: EdgeModel) -> None:
+async def test_the_handler_checks_the_request_before_queueing(embed: OnnxModel) -> None:
     table = ModelTable()
     table.swap(embed)
     metrics = AgentMetrics()

@@ -2,7 +2,7 @@
 
 Built from configs in seconds (no downloads) with the real MiniLM WordPiece tokenizer, exported
 with the cloud's own exporter (Optimum; decoders with a KV cache), then signed with
-:func:`edgefed.common.artifact.write_artifact`, so that :class:`EdgeModel.load` gets a real
+:func:`edgefed.common.artifact.write_artifact`, so that :class:`OnnxModel.load` gets a real
 manifest. The torch models stay in memory for parity checks. Tests may import torch; the agent
 never does.
 """

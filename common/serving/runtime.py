@@ -1,4 +1,4 @@
-"""The agent's ONNX Runtime adapter: one verified artifact becomes an :class:`EdgeModel`.
+"""The agent's ONNX Runtime adapter: one verified artifact becomes an :class:`OnnxModel`.
 
 This is the only edge module that imports ``onnxruntime`` and ``tokenizers`` (both light; no
 torch or transformers on the device). An artifact directory holds ``model.onnx``, the
@@ -7,7 +7,7 @@ torch or transformers on the device). An artifact directory holds ``model.onnx``
 split role and the quantization scheme.
 
 Texts are tokenised on the agent with the artifact's own tokenizer, padded to the longest text of
-a batch, never truncated: a text longer than :attr:`EdgeModel.max_length` tokens is refused with
+a batch, never truncated: a text longer than :attr:`OnnxModel.max_length` tokens is refused with
 :class:`InputTooLongError`. The graph gets exactly the inputs it declares: ``input_ids``,
 ``attention_mask``, ``token_type_ids`` (zeros), ``position_ids`` (from the mask) and, for decoders
 exported with a KV cache (Optimum's ``text-generation-with-past``), ``past_key_values.*`` --
@@ -41,7 +41,7 @@ import numpy.typing as npt
 
 from edgefed.common.artifact import Manifest
 from edgefed.common.errors import ErrorCode, PayloadError
-from edgefed.edge.errors import AgentError, InputTooLongError, ModelLoadError
+from edgefed.common.serving.errors import InputTooLongError, ModelLoadError, ServingError
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ __all__ = [
     "DEFAULT_MAX_LENGTH",
     "DEFAULT_MAX_NEW_TOKENS",
     "MAX_NEW_TOKENS_CAP",
-    "EdgeModel",
     "InferenceFailed",
+    "OnnxModel",
     "provider_options",
 ]
 
@@ -88,7 +88,7 @@ _PRESENT_PREFIX = "present"
 _EMBEDDING_OUTPUTS = ("last_hidden_state", "token_embeddings", "sentence_embedding")
 
 
-class InferenceFailed(AgentError):
+class InferenceFailed(ServingError):
     """ONNX Runtime failed on inputs that passed the agent's checks (see the agent's log)."""
 
     code = ErrorCode.INTERNAL
@@ -155,7 +155,7 @@ def provider_options(
     return chosen
 
 
-class EdgeModel:
+class OnnxModel:
     """An ONNX Runtime session over one artifact, with its tokenizer (see the module doc).
 
     Build with :meth:`load`. Thread-safe for concurrent runs (ORT sessions and tokenizers are);
@@ -213,7 +213,7 @@ class EdgeModel:
         providers: Sequence[str],
         cache_dir: Path | None = None,
         intra_op_threads: int | None = None,
-    ) -> EdgeModel:
+    ) -> OnnxModel:
         """Open the (already verified) artifact in ``artifact_dir`` described by ``manifest``.
 
         ``providers`` are execution providers in order of preference; those this ONNX Runtime
@@ -347,7 +347,7 @@ class EdgeModel:
 
     def __repr__(self) -> str:
         return (
-            f"EdgeModel({self.name!r} v{self.version}, {self.task}, {self.role}, "
+            f"OnnxModel({self.name!r} v{self.version}, {self.task}, {self.role}, "
             f"{'/'.join(self.providers)})"
         )
 

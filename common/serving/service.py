@@ -2,7 +2,7 @@
 
 A request travels: MQTT → :func:`edgefed.common.rpc.serve` (decoding, de-duplication, expiry at
 arrival) → :meth:`InferenceService.handle` (model lookup, checks, deadline) →
-:class:`Batcher` (priority queues, micro-batches, one worker) → an :class:`EdgeModel` run in a
+:class:`Batcher` (priority queues, micro-batches, one worker) → an :class:`OnnxModel` run in a
 worker thread → the reply. Every failure is an edgefed error with a code, so ``rpc.serve``
 answers it with an error reply.
 
@@ -56,8 +56,8 @@ from edgefed.common.schemas import (
     Priority,
     encode,
 )
-from edgefed.edge.errors import InputTooLongError, OverloadedError, UnknownModelError
-from edgefed.edge.runtime import EdgeModel
+from edgefed.common.serving.errors import InputTooLongError, OverloadedError, UnknownModelError
+from edgefed.common.serving.runtime import OnnxModel
 
 if TYPE_CHECKING:
     from edgefed.edge.metrics import AgentMetrics
@@ -105,7 +105,7 @@ class ServiceStopped(TemporaryError):
 
 
 class ServedModel(Protocol):
-    """What the batcher needs of a model (:class:`EdgeModel` is one)."""
+    """What the batcher needs of a model (:class:`OnnxModel` is one)."""
 
     name: str
     version: int
@@ -124,9 +124,9 @@ class ModelTable:
     """The active model per name. Lives on the event loop; a swap is one dict assignment."""
 
     def __init__(self) -> None:
-        self._models: dict[str, EdgeModel] = {}
+        self._models: dict[str, OnnxModel] = {}
 
-    def get(self, name: str) -> EdgeModel:
+    def get(self, name: str) -> OnnxModel:
         """The model serving ``name``; :class:`UnknownModelError` naming those served."""
         model = self._models.get(name)
         if model is None:
@@ -134,7 +134,7 @@ class ModelTable:
             raise UnknownModelError(f"model {name!r} is not served here (serving: {served})")
         return model
 
-    def swap(self, model: EdgeModel) -> EdgeModel | None:
+    def swap(self, model: OnnxModel) -> OnnxModel | None:
         """Make ``model`` the active one for its name; returns the one it replaces."""
         previous = self._models.get(model.name)
         self._models[model.name] = model
@@ -144,7 +144,7 @@ class ModelTable:
             log.info("swapped %s v%d -> v%d", model.name, previous.version, model.version)
         return previous
 
-    def remove(self, name: str) -> EdgeModel | None:
+    def remove(self, name: str) -> OnnxModel | None:
         """Stop serving ``name``; returns the model that served it, if any."""
         return self._models.pop(name, None)
 
@@ -533,7 +533,7 @@ class InferenceService:
     expected=InferenceRequest)``.
 
     A text request's reply carries ``outputs={"results": [one dict per text]}`` (see
-    :mod:`edgefed.edge.runtime`), or with ``parameters["return"] == "tensors"`` on a
+    :mod:`edgefed.common.serving.runtime`), or with ``parameters["return"] == "tensors"`` on a
     feature-extraction model the embeddings as one float32 tensor ``"embeddings"``
     ``(texts, hidden)``. A tensor request's reply carries every graph output as a tensor.
     ``timings_ms`` has ``queue`` and ``compute``.
