@@ -8,11 +8,13 @@ in-memory databases.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edgefed.common.settings import Settings, load_settings
+from edgefed.common.topics import ID_PATTERN
 
 
 def default_data_dir() -> Path:
@@ -89,10 +91,53 @@ class ControllerSettings(BaseModel):
         return (self.public_url or f"{scheme}://{self.host}:{self.port}").rstrip("/")
 
 
+class WorkerSettings(BaseModel):
+    """A cloud worker (``edgefed cloud worker``): which models it serves, for which pool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool: str = Field(default="default", pattern=ID_PATTERN)
+    """Workers of one pool share its requests (an MQTT shared subscription)."""
+    models: list[str] = Field(default_factory=list)
+    """``NAME`` (the newest version in the store) or ``NAME@VERSION``."""
+    target: str = Field(default="x86-avx2", pattern=ID_PATTERN)
+    """Which of each version's artifacts to load."""
+    artifact_store: Path | None = None
+    """The controller's artifact store (a shared volume); the controller's default when unset."""
+    trusted_keys: list[Path] = Field(default_factory=list)
+    """Public keys whose signatures are accepted; the controller's ``signing.pub`` when empty."""
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+    max_queue: int = Field(default=1024, ge=1)
+    max_batch_size: int = Field(default=8, ge=1, le=1024)
+    max_batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    intra_op_threads: int | None = Field(default=None, ge=1)
+    """ONNX Runtime threads per model (its default when unset: every core)."""
+
+    @field_validator("models")
+    @classmethod
+    def _model_specs(cls, v: list[str]) -> list[str]:
+        for spec in v:
+            parse_model_spec(spec)
+        return v
+
+
+def parse_model_spec(spec: str) -> tuple[str, int | None]:
+    """``NAME`` or ``NAME@VERSION`` as (name, version or None); ValueError when malformed."""
+    name, sep, version = spec.partition("@")
+    if not re.fullmatch(ID_PATTERN, name):
+        raise ValueError(f"model {spec!r}: {name!r} is not a valid model name")
+    if not sep:
+        return name, None
+    if not version.isdigit() or int(version) < 1:
+        raise ValueError(f"model {spec!r}: the version after @ must be a positive integer")
+    return name, int(version)
+
+
 class CloudSettings(Settings):
-    """The common settings plus the controller's ``[controller]`` table."""
+    """The common settings plus the ``[controller]`` and ``[worker]`` tables."""
 
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
 
 
 def load_cloud_settings(

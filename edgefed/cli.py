@@ -548,6 +548,48 @@ def cloud_serve(
     run_forever(settings, on_ready=ready)
 
 
+@cloud_app.command("worker")
+def cloud_worker(
+    model: Annotated[
+        list[str] | None, typer.Option(help="NAME or NAME@VERSION to serve (repeatable).")
+    ] = None,
+    pool: Annotated[str | None, typer.Option(help="The pool whose requests it takes.")] = None,
+    store: Annotated[Path | None, typer.Option(help="The controller's artifact store.")] = None,
+) -> None:
+    """Serve models from the artifact store to a pool's requests (MQTT shared subscription)."""
+    from edgefed.cloud.worker.pool import WorkerState, run_worker
+
+    settings = _cloud_settings()
+    updates: dict[str, Any] = {}
+    if model:
+        updates["models"] = model
+    if pool:
+        updates["pool"] = pool
+    if store:
+        updates["artifact_store"] = store
+    if updates:
+        worker = settings.worker.model_validate({**settings.worker.model_dump(), **updates})
+        settings = settings.model_copy(update={"worker": worker})
+
+    async def main() -> WorkerState:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        state = WorkerState(worker_id="", pool=settings.worker.pool)
+        task = asyncio.create_task(run_worker(settings, stop=stop, state=state))
+        ready = asyncio.create_task(state.ready.wait())
+        await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
+        if state.ready.is_set():
+            served = ", ".join(f"{m.name} v{m.version}" for m in state.models)
+            out.print(f"[green]worker {state.worker_id}[/green] serving {served}")
+        ready.cancel()
+        return await task
+
+    state = asyncio.run(main())
+    out.print(f"worker stopped after {state.served} requests")
+
+
 @cloud_app.command("join-token")
 def cloud_join_token(
     controller: Annotated[

@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import Any, Protocol, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -59,8 +59,16 @@ from edgefed.common.schemas import (
 from edgefed.common.serving.errors import InputTooLongError, OverloadedError, UnknownModelError
 from edgefed.common.serving.runtime import OnnxModel
 
-if TYPE_CHECKING:
-    from edgefed.edge.metrics import AgentMetrics
+
+class ServingMetrics(Protocol):
+    """What the service reports to (the agent's and the worker's Prometheus metrics)."""
+
+    def batch_done(self, size: int) -> None: ...
+
+    def set_queue_depth(self, depth: Mapping[Any, int]) -> None: ...
+
+    def request_done(self, outcome: str, seconds: float) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +231,7 @@ class Batcher:
         max_queue: int = 1024,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_batch_wait_ms: float = DEFAULT_MAX_BATCH_WAIT_MS,
-        metrics: AgentMetrics | None = None,
+        metrics: ServingMetrics | None = None,
     ) -> None:
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
@@ -545,7 +553,7 @@ class InferenceService:
         batcher: Batcher,
         *,
         agent_id: str,
-        metrics: AgentMetrics | None = None,
+        metrics: ServingMetrics | None = None,
         on_done: Callable[[str, str, float], None] | None = None,
         max_texts: int = DEFAULT_MAX_TEXTS,
     ) -> None:

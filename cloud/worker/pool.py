@@ -1,0 +1,176 @@
+"""A cloud worker: serves full models (and, as split planning lands, tails) from the artifact
+store to every request sent to its pool.
+
+Workers of one pool consume ``edgefed/v1/<fleet>/workers/<pool>/infer`` through the MQTT shared
+subscription ``$share/<pool>/...``: the broker hands each request to one of them, so N workers
+split the load with no coordinator, and adding a worker is starting one more process. They run
+the same serving engine as the agents (:mod:`edgefed.common.serving`: priorities,
+micro-batching, deadlines carried by message expiry, de-duplication by request id).
+
+Artifacts are read from the controller's store (on one machine, or a shared volume under
+Kubernetes) and verified with the controller's public key before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import uuid
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgefed.cloud.settings import CloudSettings, WorkerSettings, parse_model_spec
+from edgefed.common.artifact import VerifyKey, load_verify_key, verify
+from edgefed.common.errors import ArtifactError, ArtifactRejected, ConfigError, PermanentError
+from edgefed.common.mqtt import MqttClient
+from edgefed.common.rpc import ReplyCache, serve
+from edgefed.common.schemas import InferenceRequest
+from edgefed.common.serving.runtime import OnnxModel
+from edgefed.common.serving.service import Batcher, InferenceService, ModelTable
+from edgefed.common.topics import Topics
+
+log = logging.getLogger(__name__)
+
+_VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
+
+
+class WorkerError(PermanentError):
+    """The worker cannot serve what it was configured to (the message says why)."""
+
+    exit_code = 78  # EX_CONFIG
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: int
+    directory: Path
+
+
+@dataclass
+class WorkerState:
+    """What a running worker exposes (tests, the CLI)."""
+
+    worker_id: str
+    pool: str
+    models: list[LoadedModel] = field(default_factory=list)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    served: int = 0
+
+
+def store_of(settings: CloudSettings) -> Path:
+    return settings.worker.artifact_store or settings.controller.resolved_artifact_store
+
+
+def trusted_keys(settings: CloudSettings) -> list[VerifyKey]:
+    paths = settings.worker.trusted_keys or [
+        settings.controller.resolved_signing_key.with_suffix(".pub")
+    ]
+    keys: list[VerifyKey] = []
+    for path in paths:
+        try:
+            keys.append(load_verify_key(path))
+        except (OSError, ValueError, ArtifactError) as exc:
+            raise WorkerError(f"cannot read the trusted key {path}: {exc}") from exc
+    return keys
+
+
+def newest_version(store: Path, name: str, target: str) -> int:
+    """The highest version of ``name`` published for ``target`` in ``store``."""
+    folder = store / name
+    versions = [
+        int(m.group(1))
+        for child in (folder.iterdir() if folder.is_dir() else ())
+        if (m := _VERSION_DIR.match(child.name)) and (child / target).is_dir()
+    ]
+    if not versions:
+        raise WorkerError(f"the store {store} holds no version of {name!r} for {target!r}")
+    return max(versions)
+
+
+def load_models(
+    worker: WorkerSettings, store: Path, keys: list[VerifyKey], settings: CloudSettings
+) -> list[tuple[OnnxModel, LoadedModel]]:
+    """Verify and open every configured model (blocking: run it off the event loop)."""
+    if not worker.models:
+        raise WorkerError("no models to serve: set worker.models (e.g. --model NAME[@VERSION])")
+    loaded: list[tuple[OnnxModel, LoadedModel]] = []
+    for spec in worker.models:
+        name, version = parse_model_spec(spec)
+        version = version or newest_version(store, name, worker.target)
+        directory = store / name / f"v{version}" / worker.target
+        try:
+            manifest = verify(directory, keys, limits=settings.artifact)
+        except ArtifactRejected as exc:
+            raise WorkerError(f"{name} v{version} for {worker.target}: {exc.message}") from exc
+        if (manifest.name, manifest.version) != (name, version):
+            raise WorkerError(
+                f"{directory} holds {manifest.name} v{manifest.version}, not {name} v{version}"
+            )
+        model = OnnxModel.load(
+            directory,
+            manifest,
+            providers=worker.providers,
+            intra_op_threads=worker.intra_op_threads,
+        )
+        model.warm_up()
+        loaded.append((model, LoadedModel(name, version, directory)))
+        log.info("loaded %s v%d (%s) from %s", name, version, worker.target, directory)
+    return loaded
+
+
+async def run_worker(
+    settings: CloudSettings,
+    *,
+    stop: asyncio.Event,
+    state: WorkerState | None = None,
+) -> WorkerState:
+    """Serve the pool's requests until ``stop`` is set."""
+    worker = settings.worker
+    worker_id = f"worker-{worker.pool}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    state = state or WorkerState(worker_id=worker_id, pool=worker.pool)
+    state.worker_id = worker_id
+    store = store_of(settings)
+    keys = trusted_keys(settings)
+    loaded = await asyncio.to_thread(load_models, worker, store, keys, settings)
+    table = ModelTable()
+    batcher = Batcher(
+        max_queue=worker.max_queue,
+        max_batch_size=worker.max_batch_size,
+        max_batch_wait_ms=worker.max_batch_wait_ms,
+    )
+    for model, info in loaded:
+        table.swap(model)
+        state.models.append(info)
+
+    def done(_model: str, _outcome: str, _seconds: float) -> None:
+        state.served += 1
+
+    service = InferenceService(table, batcher, agent_id=worker_id, on_done=done)
+    topics = Topics(settings.fleet)
+    try:
+        client = MqttClient.from_settings(settings, client_id=worker_id)
+    except ConfigError as exc:
+        raise WorkerError(exc.message) from exc
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(batcher)
+        await stack.enter_async_context(client)
+        await serve(
+            client,
+            topics.worker_infer_shared(worker.pool),
+            service.handle,
+            expected=InferenceRequest,
+            dedup=ReplyCache(),
+        )
+        log.info(
+            "worker %s serving %s for pool %s",
+            worker_id,
+            ", ".join(f"{m.name} v{m.version}" for m in state.models),
+            worker.pool,
+        )
+        state.ready.set()
+        await stop.wait()
+    return state
