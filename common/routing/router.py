@@ -220,6 +220,7 @@ class Router:
                 if s.health is not Health.ADMITTED:
                     log.info("target %s is back online", s.id)
                 s.mark_online()
+                s.models = frozenset(m.name for m in status.models) or None
             return
         for s in matching:
             if s.health is not Health.OFFLINE:
@@ -233,18 +234,31 @@ class Router:
         for s in self._states.values():
             if s.target.agent_id == beat.agent_id:
                 s.advertise_queue(depth, now)
+                s.models = frozenset(m.name for m in beat.models) or None
 
     # ------------------------------------------------------------------ choosing
 
     def choose(
-        self, *, remaining_s: float | None = None, exclude: Sequence[str] = ()
+        self,
+        *,
+        remaining_s: float | None = None,
+        exclude: Sequence[str] = (),
+        model: str | None = None,
     ) -> TargetState:
-        """The target the policy picks now among the live ones not in ``exclude`` that can
-        answer within ``remaining_s`` by their estimate (unmeasured ones can)."""
+        """The target the policy picks now among the live ones not in ``exclude`` that serve
+        ``model`` (as far as they said) and can answer within ``remaining_s`` by their estimate
+        (unmeasured ones can)."""
         now = self._clock()
         live = [s for s in self._states.values() if s.id not in exclude and s.selectable(now)]
         if not live:
             raise NoRouteError(self._no_route_reason(exclude), retry_after=self._next_probe(now))
+        serving = [s for s in live if s.serves(model)]
+        if not serving:
+            raise NoRouteError(
+                f"no route: no live target serves model {model!r} "
+                f"(live: {', '.join(s.id for s in live)})"
+            )
+        live = serving
         if remaining_s is not None:
             feasible = [s for s in live if (e := s.estimate(now)) is None or e <= remaining_s]
             if not feasible:
@@ -301,7 +315,7 @@ class Router:
             )
         if request.deadline != effective:
             request = request.model_copy(update={"deadline": effective})
-        first = self.choose(remaining_s=effective - started_wall)
+        first = self.choose(remaining_s=effective - started_wall, model=request.model)
 
         attempts: list[str] = []
         running: dict[asyncio.Task[Decoded[InferenceReply]], TargetState] = {}
@@ -333,7 +347,12 @@ class Router:
                     hedges_left = 0
                     remaining = effective - time.time()
                     with contextlib.suppress(NoRouteError, DeadlineUnreachable):
-                        launch(self.choose(remaining_s=remaining, exclude=attempts), final=True)
+                        launch(
+                            self.choose(
+                                remaining_s=remaining, exclude=attempts, model=request.model
+                            ),
+                            final=True,
+                        )
                         hedged = True
                     continue
                 for task in done:
@@ -364,7 +383,7 @@ class Router:
                     break
                 retries_left -= 1
                 try:
-                    nxt = self.choose(remaining_s=remaining, exclude=attempts)
+                    nxt = self.choose(remaining_s=remaining, exclude=attempts, model=request.model)
                 except (NoRouteError, DeadlineUnreachable) as exc:
                     log.info("request %s: no other target to retry on: %s", request.request_id, exc)
                     break

@@ -92,6 +92,12 @@ class TargetState:
     sent: int = 0
     succeeded: int = 0
     failed: int = 0
+    models: frozenset[str] | None = None
+    """Models the target says it serves (agent status and heartbeats); None: not known, so
+    any (worker pools, agents not heard from yet or announcing none)."""
+
+    def serves(self, model: str | None) -> bool:
+        return model is None or self.models is None or model in self.models
 
     def __post_init__(self) -> None:
         self.ewma = PeakEwma(self.config.decay_s)

@@ -24,6 +24,7 @@ from edgefed.common.schemas import (
     Heartbeat,
     InferenceReply,
     InferenceRequest,
+    LoadedModel,
     Priority,
     ResourceFigures,
 )
@@ -103,3 +104,29 @@ def test_a_target_id_cannot_be_reused_for_another_target() -> None:
     router = Router(None, [Target.agent(TOPICS, "a")])
     with pytest.raises(ConfigError, match="already used"):
         router.add_target(Target(id="a", kind=TargetKind.PEER, topic="elsewhere"))
+
+
+async def test_requests_go_only_to_targets_that_say_they_serve_the_model() -> None:
+    router = Router(None, config=RouterConfig(policy="round-robin"), rng=random.Random(3))
+    for name in ("a1", "a2", "pool"):
+        target = Target.pool(TOPICS, name) if name == "pool" else Target.agent(TOPICS, name)
+        router.add_target(target, sender=reply_from(name))
+    router.apply_status(
+        AgentStatus(
+            agent_id="a1", state=AgentState.ONLINE, models=[LoadedModel(name="m1", version=1)]
+        )
+    )
+    router.apply_status(
+        AgentStatus(
+            agent_id="a2", state=AgentState.ONLINE, models=[LoadedModel(name="m2", version=4)]
+        )
+    )
+    served = [
+        (await router.request(InferenceRequest(model="m2"), timeout=1.0)).reply.message.served_by
+        for _ in range(6)
+    ]
+    assert set(served) == {"a2", "pool"}  # a1 said it serves only m1; the pool did not say
+
+    router.remove_target("pool.pool")
+    with pytest.raises(NoRouteError, match="no live target serves model 'm3'"):
+        await router.request(InferenceRequest(model="m3"), timeout=1.0)
