@@ -37,6 +37,7 @@ from edgefed.cloud.api.state import ControllerState
 from edgefed.cloud.fleet.desired import DesiredStatePublisher
 from edgefed.cloud.fleet.metrics import RegistryCollector
 from edgefed.cloud.fleet.monitor import FleetMonitor
+from edgefed.cloud.gateway import Gateway
 from edgefed.cloud.jobs.supervisor import JobSupervisor
 from edgefed.cloud.rollout.engine import RolloutEngine
 from edgefed.cloud.services import Services
@@ -157,7 +158,11 @@ async def controller(settings: CloudSettings) -> AsyncIterator[Running]:
         client = MqttClient.from_settings(
             settings, client_id=f"edgefed-controller-{settings.fleet}"
         )
-        async with client:
+        # The gateway's request/reply traffic has its own session, apart from fleet control.
+        gateway_client = MqttClient.from_settings(
+            settings, client_id=f"edgefed-gateway-{settings.fleet}-{os.getpid()}"
+        )
+        async with client, gateway_client:
             monitor = FleetMonitor(client, topics, state.write_sessions)
             publisher = DesiredStatePublisher(
                 client, topics, store=state.artifact_store, public_url=ctl.resolved_public_url
@@ -183,7 +188,8 @@ async def controller(settings: CloudSettings) -> AsyncIterator[Running]:
                 asyncio.create_task(engine.run(), name="rollout-engine"),
                 asyncio.create_task(supervisor.run(), name="job-supervisor"),
             ]
-            services = Services(jobs=supervisor, rollouts=engine, fleet=monitor)
+            gateway = await Gateway.start(gateway_client, settings)
+            services = Services(jobs=supervisor, rollouts=engine, fleet=monitor, gateway=gateway)
             app.state.services = services
             log.info("controller for fleet %s serving at %s", settings.fleet, url)
             yield Running(
@@ -211,18 +217,23 @@ async def controller(settings: CloudSettings) -> AsyncIterator[Running]:
 async def serve(
     settings: CloudSettings, *, on_ready: Callable[[Running], None] | None = None
 ) -> None:
-    """Run the controller until SIGTERM or SIGINT, then stop everything cleanly."""
-    async with controller(settings) as running:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, running.stop)
-        try:
+    """Run the controller until SIGTERM or SIGINT, then stop everything cleanly (a signal that
+    arrives while it is still starting stops it as soon as it has started)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with controller(settings) as running:
             if on_ready is not None:
                 on_ready(running)
-            await asyncio.wait([running.api])
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait([running.api, stopping], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            running.stop()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
     log.info("controller stopped")
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from edgefed.common.routing import Routed, TargetSnapshot
+from edgefed.common.schemas import InferenceRequest
+
 
 class JobService(Protocol):
     def kick(self) -> None:
@@ -19,6 +22,14 @@ class JobService(Protocol):
 class RolloutService(Protocol):
     def kick(self) -> None:
         """A deployment was created or asked to abort: look at the deployments now."""
+
+
+class GatewayService(Protocol):
+    async def infer(self, request: InferenceRequest, *, timeout: float | None) -> Routed:
+        """Route one request to the best target (agents, worker pools) and await its reply."""
+
+    def targets(self) -> list[TargetSnapshot]:
+        """What the router knows of each target now."""
 
 
 class FleetView(Protocol):
@@ -34,3 +45,4 @@ class Services:
     jobs: JobService | None = None
     rollouts: RolloutService | None = None
     fleet: FleetView | None = None
+    gateway: GatewayService | None = None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edgefed.common.routing import POLICY_NAMES
 from edgefed.common.settings import Settings, load_settings
 from edgefed.common.topics import ID_PATTERN
 
@@ -54,8 +55,29 @@ class ControllerSettings(BaseModel):
     """Compression jobs running at once (each in its own process)."""
     rollout_tick_s: float = Field(default=1.0, gt=0)
     """How often rollouts look at agent reports and move on."""
+    gateway_pools: list[str] = Field(default_factory=lambda: ["default"])
+    """Cloud worker pools ``POST /api/v1/infer`` may route to, beside the fleet's agents."""
+    routing_policy: str = "latency"
+    """How the gateway picks a target: latency, round-robin, least-outstanding or random."""
+    gateway_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    """Deadline of a gateway request that names none."""
     dev_mode: bool = False
     """Allow plain HTTP off loopback and similar conveniences for development."""
+
+    @field_validator("routing_policy")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        if v not in POLICY_NAMES:
+            raise ValueError(f"unknown routing policy {v!r}: use one of {', '.join(POLICY_NAMES)}")
+        return v
+
+    @field_validator("gateway_pools")
+    @classmethod
+    def _pool_names(cls, v: list[str]) -> list[str]:
+        for pool in v:
+            if not re.fullmatch(ID_PATTERN, pool):
+                raise ValueError(f"{pool!r} is not a valid pool name")
+        return v
 
     @model_validator(mode="after")
     def _safe_outside_dev(self) -> ControllerSettings:

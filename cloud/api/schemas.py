@@ -506,3 +506,37 @@ class RoutingStats(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+class InferIn(_In):
+    """A text inference request routed by the gateway."""
+
+    model: Identifier
+    texts: Annotated[
+        list[Annotated[str, StringConstraints(max_length=100_000)]],
+        Field(min_length=1, max_length=64),
+    ]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    """Model parameters (e.g. ``max_new_tokens`` for generation)."""
+    priority: Literal["high", "normal", "low"] = "normal"
+    timeout_s: Annotated[float, Field(gt=0, le=600)] | None = None
+    """Deadline, relative; the controller's ``gateway_timeout_s`` when unset."""
+    request_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    """Sent again with the same id, a request is answered once (targets de-duplicate)."""
+
+
+class InferOut(BaseModel):
+    request_id: str
+    model: str
+    version: int
+    served_by: str
+    target: str
+    """The routing target that answered (an agent id or ``pool.<name>``)."""
+    attempts: list[str]
+    hedged: bool
+    elapsed_ms: float
+    outputs: dict[str, Any] | None
+    timings_ms: dict[str, float] = Field(default_factory=dict)

@@ -337,8 +337,9 @@ def _rename_quantized(out_dir: Path, stem: str) -> None:
         path.unlink()
 
 
-def _check_output(out_dir: Path, target: TargetProfile, task: Task) -> None:
-    """The prepared model loads in ONNX Runtime on the CPU provider and has finite weights."""
+def _check_output(out_dir: Path, target: TargetProfile, task: Task, *, whole_model: bool) -> None:
+    """The prepared model loads in ONNX Runtime on the CPU provider and has finite weights
+    (and, for a ``whole_model``, has the text inputs and outputs its task needs)."""
     import onnx
     from onnx import numpy_helper
 
@@ -350,8 +351,13 @@ def _check_output(out_dir: Path, target: TargetProfile, task: Task) -> None:
                 f"target {target.name!r}: quantized weight {init.name!r} is not finite"
             )
     try:
-        OnnxRunner(out_dir, task)
-    except ExportError as exc:
+        if whole_model:
+            OnnxRunner(out_dir, task)
+        else:
+            import onnxruntime as ort
+
+            ort.InferenceSession(str(out_dir / MODEL_FILE), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ExportError from OnnxRunner, ORT's untyped errors
         raise QuantizationError(
             f"target {target.name!r} ({target.scheme}): the result does not load: {exc}"
         ) from exc
@@ -365,6 +371,7 @@ def quantize(
     task: Task,
     calibration: tuple[Any, Sequence[str]] | None = None,
     max_length: int = 128,
+    whole_model: bool = True,
 ) -> Path:
     """Prepare the fp32 export in ``onnx_dir`` for ``target``; returns ``out_dir``.
 
@@ -373,7 +380,8 @@ def quantize(
     config, generation config and tokenizer files of ``onnx_dir``. ``calibration`` (tokenizer,
     texts) is required by ``static-int8`` and ignored otherwise; texts are truncated to
     ``max_length`` tokens. See the module documentation for the exact configuration of every
-    scheme.
+    scheme. ``whole_model=False`` is for graphs that are only part of a model (split heads and
+    tails): the result is checked to load, not to have the task's text inputs and outputs.
 
     Raises :class:`QuantizationError` naming the target and the cause on any failure (no model,
     no calibration set for a static target, a quantizer error, a result that does not load).
@@ -412,7 +420,7 @@ def quantize(
             else:  # pragma: no cover - Scheme is a closed Literal
                 raise QuantizationError(f"target {target.name!r}: unknown scheme {target.scheme!r}")
             _copy_support_files(model_file.parent, out_dir)
-            _check_output(out_dir, target, task)
+            _check_output(out_dir, target, task, whole_model=whole_model)
     except QuantizationError:
         raise
     except Exception as exc:  # quantizer, calibrator and converter raise anything

@@ -54,6 +54,7 @@ __all__ = [
     "ModelShape",
     "SplitPair",
     "candidate_points",
+    "check_split_point",
     "export_split",
     "inspect_model",
 ]

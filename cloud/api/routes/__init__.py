@@ -10,6 +10,7 @@ from edgefed.cloud.api.routes import (
     audit,
     deployments,
     health,
+    infer,
     jobs,
     models,
     stats,
@@ -26,6 +27,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     deployments.router,
     stats.router,
     audit.router,
+    infer.router,
 )
 
 __all__ = ["ROUTERS"]

@@ -53,6 +53,8 @@ REQUIRED: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/deployments/{deployment_id}/confirm"): "operator",
     ("GET", "/api/v1/stats/fleet"): "reader",
     ("GET", "/api/v1/stats/routing"): "reader",
+    ("POST", "/api/v1/infer"): "reader",
+    ("GET", "/api/v1/infer/targets"): "reader",
 }
 """Who may call each route. A route under /api/v1 missing here is only checked for refusing
 callers without a valid token (AUTHENTICATED): declare it here to check its scope."""

@@ -10,6 +10,9 @@ rollout resumes it after a restart, with one deployment and the agents serving t
 from __future__ import annotations
 
 import secrets
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +22,14 @@ import pytest
 
 from edgefed.common.artifact import generate_signing_key
 from edgefed.common.broker import PrivateBroker, free_port
-from tests.cloud.e2e.world import MODEL, ControllerProcess, Observer, World, build_sources
+from tests.cloud.e2e.world import (
+    MODEL,
+    ControllerProcess,
+    Observer,
+    World,
+    build_sources,
+    clean_env,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -83,8 +93,8 @@ def test_a_good_canary_goes_to_the_canary_first_then_to_everyone(
     seen_canary_only = False
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        sent = observer.versions_sent(version)  # read first: the status below is newer
         dep = w.deployment(dep_id)
-        sent = observer.versions_sent(version)
         if dep["status"] in ("canary", "soaking") and sent:
             assert sent <= canary_of(dep), f"{sent} got v{version} during the canary"
             seen_canary_only = True
@@ -177,3 +187,64 @@ def test_a_controller_killed_mid_rollout_resumes_it_after_a_restart(
     for agent_id in agent_ids(w):
         told = [m[MODEL] for a, _, m in observer.desired if a == agent_id and MODEL in m]
         assert told == sorted(told), (agent_id, told)
+
+
+def test_the_http_gateway_routes_to_agents_and_worker_pools_and_fails_over(
+    world: tuple[World, Observer],
+) -> None:
+    w, observer = world
+    serving = {observer.serving(agent_id) for agent_id in agent_ids(w)}
+    assert len(serving) == 1
+    (version,) = serving
+    victim = w.agents[0]
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "edgefed.cli", "cloud", "worker", "--model", MODEL],
+        env=clean_env(
+            EDGEFED_BROKER_URL=w.controller.broker_url,
+            EDGEFED_FLEET=w.controller.fleet,
+            EDGEFED_CONTROLLER__DATA_DIR=str(w.controller.data_dir),
+        ),
+        stdout=(w.root / "worker.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        # The pool has a worker once it answers on the pool's topic (the gateway does not
+        # know a pool's workers: a pool without any costs a timeout before it is routed around).
+        observer.serving_pool("default")
+        seen: set[str] = set()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(s.startswith("worker-") for s in seen):
+            answer = w.api("POST", "/infer", json={"model": MODEL, "texts": ["via http"]})
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert body["model"] == MODEL
+            assert len(body["outputs"]["results"]) == 1
+            seen.add(body["served_by"])
+        assert set(agent_ids(w)) & seen, seen  # agents answer...
+        assert any(s.startswith("worker-") for s in seen), w.ok("GET", "/infer/targets")
+
+        # An agent that dies is routed around: every request is still answered.
+        assert victim.proc is not None
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait(10)
+        answers = [
+            w.api("POST", "/infer", json={"model": MODEL, "texts": [f"after {i}"]})
+            for i in range(20)
+        ]
+        assert [a.status_code for a in answers] == [200] * 20
+        assert victim.config.agent_id not in {a.json()["served_by"] for a in answers[5:]}
+
+        # Bad requests get the status that says why, from wherever they were routed.
+        unknown = w.api("POST", "/infer", json={"model": "no-such-model", "texts": ["x"]})
+        assert unknown.status_code == 404, unknown.text
+        assert "no-such-model" in unknown.json()["detail"]
+        too_long = w.api(
+            "POST", "/infer", json={"model": MODEL, "texts": [" ".join(["word"] * 400)]}
+        )
+        assert too_long.status_code == 422, too_long.text
+        assert "at most" in too_long.json()["detail"]
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+        victim.start()
+    assert version >= 1

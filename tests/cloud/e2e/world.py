@@ -346,6 +346,29 @@ class Observer:
         self.outcomes.append((agent_id, version, outcome))
         return version, outcome
 
+    def serving_pool(self, pool: str, timeout_s: float = 60) -> str:
+        """The worker of ``pool`` that answers a request sent to the pool's topic (waits)."""
+        assert self._requester is not None
+        requester = self._requester
+
+        async def go() -> str:
+            reply = await requester.request(
+                self.topics.worker_infer(pool),
+                InferenceRequest(model=MODEL, texts=["ping"]),
+                InferenceReply,
+                timeout=1,
+            )
+            return reply.message.served_by
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return str(self._call(go()))
+            except EdgefedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
     def serving(self, agent_id: str, wanted: int | None = None, timeout_s: float = 60) -> int:
         """The version ``agent_id`` answers with: ``wanted`` once it does (waits for it, as
         an agent loads a new version a moment after it is told to), or any version."""
