@@ -152,7 +152,15 @@ async def run_worker(
     service = InferenceService(table, batcher, agent_id=worker_id, on_done=done)
     topics = Topics(settings.fleet)
     try:
-        client = MqttClient.from_settings(settings, client_id=worker_id)
+        # No session survives the worker: the broker spreads a shared subscription's messages
+        # over every session that holds it, offline ones too, so a stopped worker's persistent
+        # session would swallow its share of the pool's requests until it expired.
+        client = MqttClient(
+            settings.broker_address(),
+            settings.mqtt.model_copy(update={"session_expiry_s": 0}),
+            client_id=worker_id,
+            clean_start=True,
+        )
     except ConfigError as exc:
         raise WorkerError(exc.message) from exc
     async with AsyncExitStack() as stack:

@@ -228,3 +228,30 @@ def test_the_worker_command_serves_until_sigterm(
     assert reply.version == 2
     assert proc.returncode == 0, err
     assert "worker stopped after" in out
+
+
+async def test_a_stopped_worker_leaves_no_session_to_swallow_the_pools_requests(
+    broker: PrivateBroker, fleet: str, store: tuple[Path, SigningKey]
+) -> None:
+    settings = worker_settings(broker, fleet, store[0])
+    topics = Topics(fleet)
+    async with workers(settings, 1) as (gone,):
+        pass  # started, subscribed to the pool, then stopped
+    async with (
+        workers(settings, 1) as (state,),
+        MqttClient.from_settings(settings, client_id=f"caller-{uuid.uuid4().hex[:6]}") as caller,
+    ):
+        requester = Requester(caller, topics)
+        replies = await asyncio.gather(
+            *(
+                requester.request(
+                    topics.worker_infer("gpu-a"),
+                    InferenceRequest(model=MODEL, texts=[f"after {i}"]),
+                    InferenceReply,
+                    timeout=5,
+                )
+                for i in range(20)
+            )
+        )
+    assert {r.message.served_by for r in replies} == {state.worker_id}
+    assert gone.worker_id != state.worker_id
