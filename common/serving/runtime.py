@@ -391,6 +391,25 @@ class OnnxModel:
             start = stop
         return results
 
+    def tokenize(self, texts: Sequence[str], parameters: Mapping[str, Any]) -> tuple[Array, Array]:
+        """Token ids and attention mask ``(texts, longest)``, checked as :meth:`run_texts` checks
+        them; for the head of a split model (:mod:`edgefed.common.serving.split`), whose graph
+        takes text but whose output is not the task's."""
+        if not self.takes_text:
+            raise PayloadError(f"model {self.name} v{self.version} does not take texts")
+        return self._pad(self._prepare(texts, parameters).rows)
+
+    def task_results(
+        self, output: Array, mask: Array, parameters: Mapping[str, Any]
+    ) -> list[dict[str, Any]]:
+        """One result per row of a task output (``last_hidden_state`` or pooled embeddings for
+        feature extraction, ``logits`` for classification), as :meth:`run_texts` makes them."""
+        if self.task == "feature-extraction":
+            return self._embeddings(np.asarray(output), mask, _Prepared([], parameters))
+        if self.task == "text-classification":
+            return self._classes(np.asarray(output))
+        raise PayloadError(f"model {self.name} v{self.version} ({self.task}) has no task results")
+
     def _require_text(self) -> None:
         if self.role != "full":
             raise PayloadError(
