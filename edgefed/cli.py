@@ -41,6 +41,8 @@ edge_app = typer.Typer(help="The edge agent: join a fleet, run, install as a ser
 app.add_typer(edge_app, name="edge", no_args_is_help=True)
 cloud_app = typer.Typer(help="The cloud controller: control API, registry, rollouts, jobs.")
 app.add_typer(cloud_app, name="cloud", no_args_is_help=True)
+split_app = typer.Typer(help="Split a model's layers between edge and cloud.")
+app.add_typer(split_app, name="split", no_args_is_help=True)
 
 
 def _default_state_dir() -> Path:
@@ -635,6 +637,46 @@ def cloud_join_token(
         f"single-use join token #{body['id']}, expires {body['expires_at']}; on the device: "
         f"edgefed edge join --controller {base} --token <token>"
     )
+
+
+@split_app.command("plan")
+def split_plan(
+    model_dir: Annotated[Path, typer.Argument(help="A Hugging Face model directory.")],
+    device: Annotated[str, typer.Option(help="Edge device profile, e.g. jetson-nano.")],
+    rtt_ms: Annotated[float, typer.Option("--rtt-ms", help="Link round trip (ms).")],
+    bandwidth_mbps: Annotated[
+        float, typer.Option("--bandwidth-mbps", help="Link bandwidth (Mbit/s).")
+    ],
+    cloud: Annotated[str, typer.Option(help="Cloud device profile.")] = "cloud-cpu",
+    seq: Annotated[int, typer.Option(min=1, help="Tokens per request.")] = 128,
+    keep_raw_input_on_device: Annotated[
+        bool, typer.Option(help="Raw input never leaves the device (no all-cloud).")
+    ] = False,
+    dtype: Annotated[str, typer.Option(help="Activation wire format: fp32, fp16, int8.")] = "fp16",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Profile MODEL_DIR on this host and choose all-edge, all-cloud or a split point for a
+    device and a link (every option's estimate is printed, the choice marked)."""
+    from edgefed.cloud.split.plan import plan_for
+
+    _settings()
+    if dtype not in ("fp32", "fp16", "int8"):
+        raise ConfigError(f"--dtype must be fp32, fp16 or int8 (got {dtype!r})")
+    with err.status("profiling the model on this host..."):
+        plan = plan_for(
+            model_dir,
+            device,
+            rtt_ms,
+            bandwidth_mbps,
+            cloud_name=cloud,
+            seq=seq,
+            keep_raw_input_on_device=keep_raw_input_on_device,
+            dtype=dtype,  # type: ignore[arg-type]
+        )
+    if as_json:
+        out.print_json(plan.model_dump_json())
+        return
+    out.print(plan.table(), highlight=False, markup=False)
 
 
 def main() -> None:
