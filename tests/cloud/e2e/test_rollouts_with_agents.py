@@ -214,7 +214,9 @@ def test_the_http_gateway_routes_to_agents_and_worker_pools_and_fails_over(
         observer.serving_pool("default")
         seen: set[str] = set()
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any(s.startswith("worker-") for s in seen):
+        while time.monotonic() < deadline and not (
+            set(agent_ids(w)) & seen and any(s.startswith("worker-") for s in seen)
+        ):
             answer = w.api("POST", "/infer", json={"model": MODEL, "texts": ["via http"]})
             assert answer.status_code == 200, answer.text
             body = answer.json()
