@@ -7,11 +7,28 @@ own their loops (worker processes, MQTT, rollouts) and are started in the app's 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from edgefed.common.routing import Routed, TargetSnapshot
 from edgefed.common.schemas import InferenceRequest
+
+log = logging.getLogger(__name__)
+
+
+class Kickable(Protocol):
+    def kick(self) -> None: ...
+
+
+def kick(service: Kickable | None, what: str) -> None:
+    """Tell ``service`` to look at its table now; a failure only delays the work (logged)."""
+    if service is None:
+        return
+    try:
+        service.kick()
+    except Exception:
+        log.warning("the %s service failed to take a kick", what, exc_info=True)
 
 
 class JobService(Protocol):

@@ -37,8 +37,7 @@ import math
 import statistics
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgefed.cloud.compress.config import TASKS, Task
 from edgefed.cloud.split.errors import SplitError, SplitPointError
+from edgefed.cloud.split.partition_torch import load_model, quiet_export
 from edgefed.common.devices import DeviceProfile
 from edgefed.common.tensors import Compression, encode_tensors
 
@@ -414,46 +414,6 @@ def infer_task(model_dir: Path) -> Task:
     return "feature-extraction"
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in ("transformers", "torch.onnx")]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
-def _load(model_dir: Path, task: Task) -> Any:
-    import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    loader: Any = {
-        "feature-extraction": AutoModel,
-        "text-classification": AutoModelForSequenceClassification,
-        "text-generation": AutoModelForCausalLM,
-    }[task]
-    try:
-        with _quiet():
-            model = loader.from_pretrained(
-                model_dir,
-                local_files_only=True,
-                torch_dtype=torch.float32,
-                attn_implementation="eager",
-            )
-    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ...
-        raise ProfileError(
-            f"cannot load {model_dir} for {task}: {type(exc).__name__}: {exc}"
-        ) from exc
-    model.eval()
-    return model
-
-
 def _params(*modules: Any, exclude: set[int] | None = None) -> int:
     seen = set(exclude or ())
     total = 0
@@ -481,7 +441,7 @@ def _export(
     import torch
 
     try:
-        with _quiet(), torch.no_grad():
+        with quiet_export(), torch.no_grad():
             torch.onnx.export(
                 module,
                 args,
@@ -520,7 +480,10 @@ def component_graphs(
         raise ProfileError(f"unsupported task {chosen!r} (supported: {', '.join(TASKS)})")
     if not (model_dir / "config.json").is_file():
         raise ProfileError(f"{model_dir} is not a Hugging Face model directory: no config.json")
-    model = _load(model_dir, chosen)
+    try:
+        model = load_model(model_dir, chosen)
+    except SplitError as exc:
+        raise ProfileError(exc.message) from exc
     out_dir.mkdir(parents=True, exist_ok=True)
     builder = _builder_for(model, chosen)
     with torch.no_grad():

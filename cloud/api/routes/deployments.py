@@ -51,7 +51,7 @@ from edgefed.cloud.registry.models import (
     RolloutEvent,
 )
 from edgefed.cloud.rollout.strategy import RolloutStrategy, Selector, quality_problem
-from edgefed.cloud.services import Services
+from edgefed.cloud.services import kick
 from edgefed.common.topics import ID_PATTERN
 
 log = logging.getLogger(__name__)
@@ -67,16 +67,6 @@ ACTIVE = frozenset(
     }
 )
 """Statuses of a deployment whose rollout is still going."""
-
-
-def kick_rollouts(services: Services) -> None:
-    """Tell the rollout service to look at the deployments (a failure only delays it)."""
-    if services.rollouts is None:
-        return
-    try:
-        services.rollouts.kick()
-    except Exception:
-        log.warning("the rollout service failed to take a kick", exc_info=True)
 
 
 def resolve_selector(session: Session, body: DeploymentCreate, fleet: str) -> list[str]:
@@ -228,7 +218,7 @@ def create_deployment(
     audit.resource = f"deployment:{deployment.id}"
     answer = deployment_public(deployment, model.name, events=[event])
     session.commit()
-    kick_rollouts(services)
+    kick(services.rollouts, "rollout")
     return answer
 
 
@@ -314,7 +304,7 @@ def abort_deployment(
     session.flush()
     answer = deployment_public(dep, _model_name(session, dep), events=_events(session, dep.id))
     session.commit()
-    kick_rollouts(services)
+    kick(services.rollouts, "rollout")
     return answer
 
 
@@ -359,5 +349,5 @@ def confirm_deployment(
     session.flush()
     answer = deployment_public(dep, _model_name(session, dep), events=_events(session, dep.id))
     session.commit()
-    kick_rollouts(services)
+    kick(services.rollouts, "rollout")
     return answer

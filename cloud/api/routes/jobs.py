@@ -41,23 +41,13 @@ from edgefed.cloud.api.schemas import (
 )
 from edgefed.cloud.compress.config import TARGETS
 from edgefed.cloud.registry.models import Job, JobStatus
-from edgefed.cloud.services import Services
+from edgefed.cloud.services import kick
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
 
 FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
-
-
-def kick_jobs(services: Services) -> None:
-    """Tell the job service to look at the jobs table (a failure here only delays the job)."""
-    if services.jobs is None:
-        return
-    try:
-        services.jobs.kick()
-    except Exception:
-        log.warning("the job service failed to take a kick", exc_info=True)
 
 
 def _check_teacher(model: str, teacher_dir: str | None) -> FsPath:
@@ -171,7 +161,7 @@ def create_compression_job(
     audit.resource = f"job:{job.id}"
     answer = JobPublic.model_validate(job)
     session.commit()
-    kick_jobs(services)
+    kick(services.jobs, "job")
     return answer
 
 
@@ -233,5 +223,5 @@ def cancel_job(
         job.error = f"cancelled by {who.actor} before it started"
     answer = JobPublic.model_validate(job)
     session.commit()
-    kick_jobs(services)
+    kick(services.jobs, "job")
     return answer
