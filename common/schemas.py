@@ -23,7 +23,15 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from edgefed.common.errors import (
     ErrorCode,
@@ -139,6 +147,17 @@ class LatencyFigures(BaseModel):
     ewma_ms: NonNegative | None = None
 
 
+class LinkFigures(BaseModel):
+    """An agent's uplink as it measured it: round trip to the cloud broker and bandwidth."""
+
+    rtt_ms: NonNegative
+    bandwidth_mbps: float | None = Field(default=None, gt=0)
+    """Estimated from large transfers (artifact downloads, split activations); ``None`` until
+    one was big enough to tell."""
+    samples: int = Field(default=0, ge=0)
+    """How many measurements the figures summarise."""
+
+
 class Heartbeat(WireModel):
     """Periodic on ``agents/<agent>/heartbeat``."""
 
@@ -156,6 +175,9 @@ class Heartbeat(WireModel):
     """Answered requests since the agent started, per model and outcome (``ok`` or an error
     code): rollout gates compute error rates from the difference of two heartbeats."""
     controller_rtt_ms: NonNegative | None = None
+    link: LinkFigures | None = None
+    """The agent's measured uplink (RTT and bandwidth towards the cloud), when it has one: the
+    controller re-plans split placements from it."""
 
 
 # --------------------------------------------------------------------------- desired state
@@ -180,6 +202,40 @@ class DesiredModel(BaseModel):
     """Micro-batching: how long the first request of a batch may wait for company."""
 
 
+class Placement(BaseModel):
+    """Where an agent runs the requests its local applications send for one model: the split
+    plan in force for this agent's device and link (:mod:`edgefed.cloud.split.plan`).
+
+    ``edge``: the agent's own full model; ``cloud``: the worker pool ``pool``; ``split``: the
+    head ``<model>.k<split_point>.head`` on the agent, the tail ``<model>.k<split_point>.tail``
+    on the worker pool ``pool``. The agent's router treats the placement as its first choice
+    and its expected latency as the prior estimate; measured round trips take over from there.
+    ``keep_raw_input_on_device`` forbids sending raw input (texts) off the device at all.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    mode: Literal["edge", "cloud", "split"]
+    split_point: int | None = Field(default=None, ge=0)
+    pool: Identifier | None = None
+    expected_ms: NonNegative | None = None
+    keep_raw_input_on_device: bool = False
+    reason: str | None = None
+    """Why: e.g. the planner's figures for the link it was made for."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Placement:
+        if self.mode == "split" and self.split_point is None:
+            raise ValueError("a split placement needs split_point")
+        if self.mode != "split" and self.split_point is not None:
+            raise ValueError(f"split_point is only for split placements, not {self.mode!r}")
+        if self.mode in ("cloud", "split") and self.pool is None:
+            raise ValueError(f"a {self.mode} placement needs the worker pool")
+        if self.mode == "cloud" and self.keep_raw_input_on_device:
+            raise ValueError("keep_raw_input_on_device forbids a cloud placement")
+        return self
+
+
 class DesiredState(WireModel):
     """Retained on ``agents/<agent>/desired``; ``generation`` only goes up."""
 
@@ -190,6 +246,9 @@ class DesiredState(WireModel):
     generation: int = Field(ge=1)
     ts: float = Field(default_factory=now)
     models: list[DesiredModel] = Field(default_factory=list)
+    placements: dict[Identifier, Placement] = Field(default_factory=dict)
+    """Per model name: where local applications' requests run (absent: on the agent, with
+    offload to the cloud as the agent's own routing settings allow)."""
 
 
 # --------------------------------------------------------------------------- commands
