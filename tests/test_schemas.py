@@ -29,7 +29,9 @@ from edgefed.common.schemas import (
     InferenceReply,
     InferenceRequest,
     LatencyFigures,
+    LinkFigures,
     LoadedModel,
+    Placement,
     Priority,
     ResourceFigures,
     Telemetry,
@@ -58,6 +60,7 @@ EXAMPLES: dict[str, WireModel] = {
         ),
         queue_depth={Priority.HIGH: 1, Priority.LOW: 3},
         latency={"minilm": LatencyFigures(count=10, p50_ms=3.5, p99_ms=9.0)},
+        link=LinkFigures(rtt_ms=21.0, bandwidth_mbps=9.5, samples=4),
     ),
     "desired-state": DesiredState(
         agent_id="a1",
@@ -72,6 +75,7 @@ EXAMPLES: dict[str, WireModel] = {
                 split_point=2,
             )
         ],
+        placements={"minilm": Placement(mode="split", split_point=2, pool="tails")},
     ),
     "command": Command(agent_id="a1", action="reload", args={"force": True}),
     "command-ack": CommandAck(command_id="c1", agent_id="a1", status="done", result={"n": 1}),
@@ -329,3 +333,34 @@ def test_peek_request_id_finds_the_id_of_an_invalid_payload() -> None:
 )
 def test_peek_request_id_returns_none_without_a_usable_id(payload: bytes) -> None:
     assert peek_request_id(payload) is None
+
+
+# --------------------------------------------------------------------------- placements
+
+
+@pytest.mark.parametrize(
+    ("fields", "complaint"),
+    [
+        ({"mode": "split", "pool": "tails"}, "needs split_point"),
+        ({"mode": "edge", "split_point": 2}, "only for split placements"),
+        ({"mode": "cloud"}, "needs the worker pool"),
+        ({"mode": "split", "split_point": 1}, "needs the worker pool"),
+        ({"mode": "cloud", "pool": "p", "keep_raw_input_on_device": True}, "forbids a cloud"),
+        ({"mode": "somewhere"}, "mode"),
+    ],
+)
+def test_an_inconsistent_placement_is_refused_saying_why(
+    fields: dict[str, object], complaint: str
+) -> None:
+    raw = json.loads(DesiredState(agent_id="a1", generation=1).to_json())
+    raw["placements"] = {"minilm": fields}
+    with pytest.raises(PayloadError, match=complaint):
+        decode(json.dumps(raw).encode(), None, DesiredState)
+
+
+def test_a_desired_state_from_an_older_controller_has_no_placements() -> None:
+    raw = json.loads(DesiredState(agent_id="a1", generation=1).to_json())
+    del raw["placements"]
+    state = decode(json.dumps(raw).encode(), None, DesiredState).message
+    assert state.placements == {}
+    assert Placement(mode="edge").pool is None
