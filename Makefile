@@ -1,7 +1,8 @@
 # edgefed: `make test` and `make demo` set everything up on a fresh Linux machine and run.
 #
-#   make test    create .venv, install torch (CPU) first, mosquitto if missing, the project with
-#                its dev extras, then run scripts/check (ruff, mypy, import-linter, pytest)
+#   make test    create .venv, install torch (CPU) first, mosquitto and chromium if missing, the
+#                project with its dev extras, then run scripts/check (ruff, mypy, import-linter,
+#                pytest)
 #   make demo    same set-up, then `edgefed demo` on embedded defaults
 #
 # Variables: PYTHON (default python3, 3.11+), TORCH_INDEX (a pip index for the CPU build of
@@ -14,9 +15,9 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgefed-installed
 
-.PHONY: test demo check setup mosquitto clean bench
+.PHONY: test demo check setup mosquitto chromium clean bench
 
-test: setup
+test: setup chromium
 	scripts/check
 
 demo: setup
@@ -51,6 +52,19 @@ mosquitto:
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto; \
 	else \
 		echo "mosquitto is missing: install it (e.g. 'brew install mosquitto', 'dnf install mosquitto')"; \
+		exit 1; \
+	fi
+
+# The report tests render report.html in headless Chromium (Debian's package) and check the
+# screenshot is not blank.
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium with apt-get (headless rendering of report.html in the tests)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; \
+	else \
+		echo "chromium is missing: install it (the report tests render report.html headless)"; \
 		exit 1; \
 	fi
 
