@@ -7,7 +7,13 @@ then does the agent reach for the cloud broker, which may be down for as long as
 * cloud link: retained ``online`` status (re-published on every reconnect) backed by a last will
   that says ``offline``; the retained desired state; inference requests from the cloud;
   heartbeats (when connected); telemetry from the on-disk outbox;
-* local link: the same inference topic, for applications on the device.
+* local link: the same inference topic, for applications on the device. Their requests go
+  through the offload router (:mod:`edgefed.edge.offload`): the agent's model, cloud worker
+  pools or split execution, as the desired state's placements and ``offload`` settings allow.
+  Requests on the cloud link are served here and never offloaded again (no loops).
+
+Heartbeats carry the uplink the agent measured (:mod:`edgefed.edge.linkmeter`): the RTT of
+their own QoS 1 probe and the bandwidth of artifact downloads and split activations.
 """
 
 from __future__ import annotations
@@ -46,8 +52,12 @@ from edgefed.common.settings import BrokerAddress, Settings
 from edgefed.common.topics import Topics
 from edgefed.edge.config import AgentConfig
 from edgefed.edge.fetch import ArtifactFetcher
+from edgefed.edge.linkmeter import LinkMeter
 from edgefed.edge.metrics import AgentMetrics
+from edgefed.edge.offload import Offloader
+from edgefed.edge.placements import PlacementBook
 from edgefed.edge.reconcile import ModelEvent, Reconciler
+from edgefed.edge.routeplan import RoutePlan
 from edgefed.edge.store import ModelStore
 from edgefed.edge.telemetry import LatencyWindow, Outbox, drain_outbox, sample_resources
 
@@ -68,13 +78,31 @@ class Agent:
         self.outbox = Outbox(
             config.state_dir / "outbox.sqlite", max_messages=config.outbox_max_messages
         )
-        self.batcher = Batcher(max_queue=config.max_queue, metrics=self.metrics)
+        self.batcher = Batcher(
+            max_queue=config.max_queue,
+            metrics=self.metrics,
+            slowdown=config.emulated_speed_factor,
+        )
         self.service = InferenceService(
             self.table,
             self.batcher,
             agent_id=config.agent_id,
             metrics=self.metrics,
             on_done=self._done,
+        )
+        self.link = LinkMeter(
+            min_transfer_bytes=config.link.min_transfer_bytes, alpha=config.link.alpha
+        )
+        self.placements = PlacementBook(config.state_dir)
+        self.offloader = Offloader(
+            config=config.offload,
+            agent_id=config.agent_id,
+            topics=self.topics,
+            table=self.table,
+            service=self.service,
+            link=self.link,
+            on_plan=self._plan_changed,
+            on_routed=self.metrics.routed,
         )
         self._served_since: dict[str, int] = {}
         self._outcomes: dict[str, dict[str, int]] = {}
@@ -99,6 +127,22 @@ class Agent:
         if outcome == "ok":
             self.latency.record(model, seconds)
             self._served_since[model] = self._served_since.get(model, 0) + 1
+
+    def _plan_changed(self, model: str, plan: RoutePlan | None) -> None:
+        """A model's offload plan changed: metric, and a telemetry record for the controller
+        (no plan: served on the agent as without offloading)."""
+        in_force = "edge" if plan is None else plan.first
+        self.metrics.placement_in_force(model, in_force or "none")
+        self._queue_telemetry(
+            "placement.in_force",
+            {
+                "model": model,
+                "wanted": plan.wanted if plan is not None and plan.placement else None,
+                "in_force": in_force,
+                "head": plan.head if plan is not None else None,
+                "note": plan.note if plan is not None else None,
+            },
+        )
 
     async def _summaries(self) -> None:
         """Every ``telemetry_s``: what was served since the last summary, into the outbox
@@ -148,21 +192,30 @@ class Agent:
         """The reconciler's download: :class:`ArtifactFetcher` plus a byte counter."""
         assert self._fetcher is not None
         seen = 0
+        first: tuple[float, int] | None = None  # (time, bytes) when the file transfers began
+        last = 0.0
 
         def progress(done: int, total: int) -> None:
-            nonlocal seen
+            nonlocal seen, first, last
+            now = time.perf_counter()
+            if first is None:
+                first = (now, done)  # reported before the files are requested
+            last = now
             self.metrics.downloaded(done - seen)
             seen = done
             if on_progress is not None:
                 on_progress(done, total)
 
-        return await self._fetcher(
+        manifest = await self._fetcher(
             url,
             dest,
             min_version=min_version,
             expected_manifest_sha256=expected_manifest_sha256,
             on_progress=progress,
         )
+        if first is not None:
+            self.link.observe_transfer(seen - first[1], last - first[0])
+        return manifest
 
     def _report(self, event: ModelEvent) -> None:
         log.info("model %s v%s: %s %s", event.model, event.version, event.step, event.detail or "")
@@ -222,6 +275,7 @@ class Agent:
                 )
             except TimeoutError:  # a download failed for a temporary reason: resume it
                 await reconciler.retry()
+                self.offloader.refresh()
                 retry_delay = min(60.0, retry_delay * 2)
                 await self._publish_status()
                 continue
@@ -229,6 +283,7 @@ class Agent:
                 desired = self._desired.get_nowait()
             retry_delay = 2.0
             await reconciler.apply(desired)
+            self.offloader.refresh()  # a head may have come or gone with the models
             await self._publish_status()
 
     async def _publish_status(self) -> None:
@@ -260,6 +315,7 @@ class Agent:
                     user_properties=[("probe", "rtt")],
                 )
                 rtt_ms = (time.perf_counter() - started) * 1000
+                self.link.observe_rtt(rtt_ms)
             except Exception:  # noqa: BLE001 - a failed probe only leaves the figure out
                 rtt_ms = None
             self._heartbeat_seq += 1
@@ -272,6 +328,7 @@ class Agent:
                 latency=self.latency.figures(),
                 requests={model: dict(counts) for model, counts in self._outcomes.items()},
                 controller_rtt_ms=rtt_ms,
+                link=self.link.figures(),
             )
             with contextlib.suppress(Exception):
                 await self.cloud.publish(
@@ -303,8 +360,11 @@ class Agent:
                 trusted_keys=self.keys,
                 limits=self.settings.artifact,
                 configure=self._configure,
+                placements=self.placements,
             )
             await reconciler.restore()
+            self.placements.load()  # the placements in force before a restart, until the cloud
+            self.placements.on_change(self.offloader.set_placements)
             await stack.enter_async_context(self.batcher)
             stack.callback(self.outbox.close)
             if cfg.metrics_port is not None:
@@ -318,7 +378,7 @@ class Agent:
                 await serve(
                     local,
                     self.topics.agent_infer(cfg.agent_id),
-                    self.service.handle,
+                    self.offloader.handle_local,
                     expected=InferenceRequest,
                     dedup=cache,
                 )
@@ -340,6 +400,7 @@ class Agent:
             )
             cloud.add_connect_hook(lambda _present: self._publish_status())
             self.cloud = await stack.enter_async_context(cloud)
+            self.offloader.attach_cloud(self.cloud)
 
             try:
                 async with asyncio.TaskGroup() as tasks:
@@ -378,7 +439,7 @@ class Agent:
                 await serve(
                     self.cloud,
                     self.topics.agent_infer(cfg.agent_id),
-                    self.service.handle,
+                    self.offloader.handle_cloud,
                     expected=InferenceRequest,
                     dedup=cache,
                 )

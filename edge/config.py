@@ -6,10 +6,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from edgefed.common.errors import ConfigError
+from edgefed.common.routing import POLICY_NAMES, RouterConfig
 from edgefed.common.schemas import Identifier
 from edgefed.edge.errors import NotJoined
 
@@ -33,6 +43,90 @@ class LocalEndpoint(BaseModel):
     """An existing broker on the device; unset: the agent starts a private mosquitto."""
     port: int = Field(default=1884, ge=0, le=65535)
     """Loopback port of the private broker (0: a free one, chosen at start)."""
+
+
+class OffloadConfig(BaseModel):
+    """Where requests from local applications run: on the agent, on cloud worker pools, or
+    split (head here, tail on a pool). See :mod:`edgefed.edge.offload`.
+
+    A placement in the desired state (the controller's split plan) always applies unless
+    ``follow_placements`` is off; these settings decide what happens without one, and how the
+    router measures and fails over."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    """Offload models without a placement to ``pools`` when measured latency says so (off: they
+    run on the agent only, exactly as without offloading)."""
+    follow_placements: bool = True
+    """Use the placements of the desired state (off: ignore them)."""
+    pools: list[Identifier] = Field(default_factory=list)
+    """Cloud worker pools for whole requests (with ``enabled``) and for split tails when a
+    placement names none."""
+    policy: str = "latency"
+    """Routing policy among the targets (see :data:`edgefed.common.routing.POLICY_NAMES`)."""
+    timeout_s: float = Field(default=10.0, gt=0)
+    """Deadline of a local request that carries none (seconds)."""
+    attempt_timeout_s: float | None = Field(default=None, gt=0)
+    """Upper bound of one attempt on one target (unset: only the deadline bounds it)."""
+    retries: int = Field(default=1, ge=0)
+    """Further attempts on another target after a timeout or a target's error."""
+    hedge: bool = False
+    """Also send a request to a second target when the first is late (its recent p95)."""
+    hedge_delay_s: float | None = Field(default=None, gt=0)
+    """Fixed hedging delay instead of the first target's recent p95."""
+    decay_s: float = Field(default=10.0, gt=0)
+    """How fast a latency estimate forgets a slow period (peak-EWMA time constant, seconds)."""
+    prior_ms: float = Field(default=20.0, gt=0)
+    """Prior latency of the first-choice target when the placement gives no ``expected_ms``."""
+    other_prior_factor: float = Field(default=4.0, ge=1)
+    """The other targets start at this multiple of the first choice's prior: the placement is
+    tried first, the others once measurements say it is slower or their estimates decay."""
+    keep_raw_input_on_device: bool = False
+    """Never send a request (texts or input tensors) to a cloud pool, whatever the placement
+    says; split execution stays allowed (only activations leave)."""
+    wire_dtype: Literal["float16", "float32"] = "float16"
+    """How split activations travel to the tail (float16: half the bytes, cosine > 0.999)."""
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        if v not in POLICY_NAMES:
+            raise ValueError(
+                f"routing policy {v!r} is unknown: use one of {', '.join(POLICY_NAMES)}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _pools_when_enabled(self) -> OffloadConfig:
+        if self.enabled and not self.pools:
+            raise ValueError("offload is enabled but names no pool: set offload.pools")
+        if len(set(self.pools)) != len(self.pools):
+            raise ValueError(f"offload.pools lists a pool twice: {self.pools}")
+        return self
+
+    def router_config(self) -> RouterConfig:
+        """The shared router's settings for these (validated again there)."""
+        return RouterConfig(
+            policy=self.policy,
+            decay_s=self.decay_s,
+            retries=self.retries,
+            attempt_timeout_s=self.attempt_timeout_s,
+            default_timeout_s=self.timeout_s,
+            hedge=self.hedge,
+            hedge_delay_s=self.hedge_delay_s,
+        )
+
+
+class LinkConfig(BaseModel):
+    """How the agent measures its uplink for heartbeats (:mod:`edgefed.edge.linkmeter`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_transfer_bytes: int = Field(default=64 * 1024, ge=1)
+    """Transfers smaller than this do not count towards the bandwidth estimate."""
+    alpha: float = Field(default=0.3, gt=0, le=1)
+    """Weight of each new sample in the smoothed RTT and bandwidth."""
 
 
 class AgentConfig(BaseModel):
@@ -67,6 +161,13 @@ class AgentConfig(BaseModel):
     max_artifact_bytes: int = Field(default=4 * 1024**3, ge=1)
     outbox_max_messages: int = Field(default=100_000, ge=1)
     """Telemetry and results kept on disk while the cloud is unreachable (oldest dropped)."""
+    offload: OffloadConfig = Field(default_factory=OffloadConfig)
+    """Offloading local applications' requests to the cloud or to split execution."""
+    link: LinkConfig = Field(default_factory=LinkConfig)
+    emulated_speed_factor: float = Field(default=1.0, gt=0, le=1000)
+    """Simulation only: after each batch really runs, wait ``(factor - 1) x`` its measured run
+    time, so this host answers like a device that many times slower (at or below 1: host
+    speed; a device faster than the host cannot be emulated)."""
 
     def save(self) -> Path:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -12,6 +12,8 @@ Exposed names (``edgefed_agent_`` prefix):
 ``model_swaps_total{outcome}``             counter    model changes: ok / failed / rejected
 ``artifact_download_bytes_total``          counter    artifact bytes downloaded
 ``telemetry_sent_total``                   counter    queued telemetry messages delivered
+``placement_in_force{model,mode}``         gauge      1 for the mode local requests go to first
+``offload_requests_total{target}``         counter    local requests answered by target kind
 ``info{agent_id}``                         gauge      1, labelled with the agent's id
 =========================================  =========  ===========================================
 """
@@ -99,6 +101,18 @@ class AgentMetrics:
         self.telemetry = Counter(
             f"{PREFIX}_telemetry_sent", "Queued telemetry messages delivered", registry=reg
         )
+        self.placement = Gauge(
+            f"{PREFIX}_placement_in_force",
+            "Where local requests for each model go first (edge, cloud, split, none)",
+            ["model", "mode"],
+            registry=reg,
+        )
+        self.offloaded = Counter(
+            f"{PREFIX}_offload_requests",
+            "Local requests answered, by target kind (local, cloud-pool, split)",
+            ["target"],
+            registry=reg,
+        )
         self.info = Gauge(f"{PREFIX}_info", "The agent's identity", ["agent_id"], registry=reg)
         for outcome in ("ok", "failed", "rejected"):
             self.swaps.labels(outcome=outcome)
@@ -139,6 +153,15 @@ class AgentMetrics:
         """``nbytes`` more artifact bytes arrived (an increment, not a running total)."""
         if nbytes > 0:
             self.download_bytes.inc(nbytes)
+
+    def placement_in_force(self, model: str, mode: str) -> None:
+        """``mode`` (edge, cloud, split or none) is where ``model``'s local requests go first."""
+        for other in ("edge", "cloud", "split", "none"):
+            self.placement.labels(model=model, mode=other).set(1 if other == mode else 0)
+
+    def routed(self, target_kind: str) -> None:
+        """One local request answered by a target of ``target_kind``."""
+        self.offloaded.labels(target=target_kind).inc()
 
     def telemetry_sent(self, count: int = 1) -> None:
         if count > 0:

@@ -23,6 +23,11 @@ Decisions (see also :meth:`Reconciler.apply`):
 * **Serialisation and coalescing.** Calls are serialised by a lock; states arriving while one is
   being applied wait, and only the newest of them is applied (the ones in between are
   superseded, never half-applied).
+* **Placements.** The desired state's ``placements`` (where local applications' requests for
+  each model run) are recorded in the :class:`~edgefed.edge.placements.PlacementBook` once the
+  models of the state were handled -- so a split placement finds its head loaded when there is
+  one -- and take effect at once, without a restart; they are kept on disk for the next start.
+  They are part of the state's digest: the same generation with other placements is a replay.
 * **Versions only go up.** A version below the highest ever activated is refused before any
   network access. The highest one itself may be fetched again when it is not the current one
   (its copy on disk was found tampered with, or it was rolled back).
@@ -46,6 +51,7 @@ from edgefed.common.schemas import DesiredModel, DesiredState
 from edgefed.common.settings import ArtifactSettings
 from edgefed.edge.errors import FetchError
 from edgefed.edge.fetch import ProgressCallback
+from edgefed.edge.placements import PlacementBook
 from edgefed.edge.store import InstalledModel, ModelStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -137,7 +143,8 @@ class Reconciler(Generic[M]):
     in a worker thread, as does ``warm_up``); ``configure(desired)``, when given, applies new
     batching settings to a model already served at the desired version; ``report`` receives
     every :class:`ModelEvent` (its failures are logged, never raised). ``trusted_keys`` and
-    ``limits`` re-verify installed models at :meth:`restore`.
+    ``limits`` re-verify installed models at :meth:`restore`. ``placements``, when given,
+    receives each applied state's placements.
     """
 
     def __init__(
@@ -151,8 +158,10 @@ class Reconciler(Generic[M]):
         trusted_keys: Sequence[VerifyKey],
         limits: ArtifactSettings | None = None,
         configure: Callable[[DesiredModel], None] | None = None,
+        placements: PlacementBook | None = None,
     ) -> None:
         self._store = store
+        self._placements = placements
         self._table = table
         self._loader = loader
         self._fetch = fetch
@@ -331,6 +340,8 @@ class Reconciler(Generic[M]):
                 self._emit(refusal.event)
                 temporary = temporary or refusal.temporary
         await self._unload_unwanted(wanted)
+        if self._placements is not None:
+            await self._placements.apply(state.generation, state.placements)
         self._needs_retry = temporary
         self._last = state
         if not retrying:
@@ -638,10 +649,16 @@ def _check_matches(manifest: Manifest, desired: DesiredModel) -> None:
 
 
 def _digest(state: DesiredState) -> str:
-    """Digest of what a desired state asks for (agent, generation, models; not its timestamp)."""
-    body = {
+    """Digest of what a desired state asks for (agent, generation, models, placements; not its
+    timestamp). Placements count only when there are some, so digests recorded before they
+    existed still match."""
+    body: dict[str, object] = {
         "agent_id": state.agent_id,
         "generation": state.generation,
         "models": [m.model_dump(mode="json") for m in state.models],
     }
+    if state.placements:
+        body["placements"] = {
+            name: p.model_dump(mode="json") for name, p in sorted(state.placements.items())
+        }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

@@ -232,10 +232,17 @@ class Batcher:
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_batch_wait_ms: float = DEFAULT_MAX_BATCH_WAIT_MS,
         metrics: ServingMetrics | None = None,
+        slowdown: float = 1.0,
     ) -> None:
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
+        if not slowdown > 0:
+            raise ValueError("slowdown must be positive")
         self.max_queue = max_queue
+        self.slowdown = slowdown
+        """Emulated device speed (simulation): after a batch runs, wait ``slowdown - 1`` times
+        its measured run time (values at or below 1 add nothing). The wait holds the worker, as
+        a slower device would be busy, and counts as compute time."""
         self.defaults = _limits(max_batch_size, max_batch_wait_ms)
         self.metrics = metrics
         self._limits: dict[str, BatchLimits] = {}
@@ -457,6 +464,8 @@ class Batcher:
         work = [(item.texts, item.tensors, item.parameters) for item in batch]
         try:
             outcomes = await asyncio.to_thread(_execute, model, work)
+            if self.slowdown > 1:
+                await asyncio.sleep((self.slowdown - 1) * (time.monotonic() - started))
         except asyncio.CancelledError:
             for item in batch:
                 _fail(item, ServiceStopped("the agent is shutting down", retry_after=0))
