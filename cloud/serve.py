@@ -5,7 +5,10 @@ What runs, all on one asyncio loop:
 * the control API (FastAPI under uvicorn; TLS when a certificate is configured);
 * the fleet monitor (agent status, heartbeats and telemetry over MQTT, written to the registry);
 * the rollout engine with its desired-state publisher (retained desired states per agent);
-* the job supervisor (compression jobs, each in its own worker process).
+* the job supervisor (compression jobs, each in its own worker process);
+* with ``[controller.split] enabled``, the split placement service (re-plans where each model
+  runs per agent from the links agents measure; desired-state changes through the same
+  publisher).
 
 The services are built once the API's lifespan has opened the registry (migrations, signing key,
 first admin token), so they share its engine. Without ``broker_url`` a private mosquitto is
@@ -42,6 +45,7 @@ from edgefed.cloud.jobs.supervisor import JobSupervisor
 from edgefed.cloud.rollout.engine import RolloutEngine
 from edgefed.cloud.services import Services
 from edgefed.cloud.settings import CloudSettings
+from edgefed.cloud.split.placements import PlacementService
 from edgefed.common.broker import PrivateBroker
 from edgefed.common.errors import ConfigError
 from edgefed.common.mqtt import MqttClient
@@ -182,14 +186,28 @@ async def controller(settings: CloudSettings) -> AsyncIterator[Running]:
                 workers=ctl.job_workers,
                 log_dir=ctl.data_dir / "jobs",
             )
+            placements: PlacementService | None = None
+            if ctl.split.enabled:  # listening before the retained statuses arrive
+                placements = PlacementService(
+                    ctl.split, state.write_sessions, publisher, store=state.artifact_store
+                )
+                monitor.add_listener(placements)
             await monitor.start()
             tasks = [
                 asyncio.create_task(monitor.run(), name="fleet-monitor"),
                 asyncio.create_task(engine.run(), name="rollout-engine"),
                 asyncio.create_task(supervisor.run(), name="job-supervisor"),
             ]
+            if placements is not None:
+                tasks.append(asyncio.create_task(placements.run(), name="split-placements"))
             gateway = await Gateway.start(gateway_client, settings)
-            services = Services(jobs=supervisor, rollouts=engine, fleet=monitor, gateway=gateway)
+            services = Services(
+                jobs=supervisor,
+                rollouts=engine,
+                fleet=monitor,
+                gateway=gateway,
+                placements=placements,
+            )
             app.state.services = services
             log.info("controller for fleet %s serving at %s", settings.fleet, url)
             yield Running(

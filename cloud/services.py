@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edgefed.common.routing import Routed, TargetSnapshot
 from edgefed.common.schemas import InferenceRequest
+
+if TYPE_CHECKING:
+    from edgefed.cloud.split.placements import PlannedPlacement
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +60,15 @@ class FleetView(Protocol):
         """Whether the controller's MQTT link is up."""
 
 
+class PlacementView(Protocol):
+    def planned(self, agent_id: str | None = None) -> dict[str, dict[str, PlannedPlacement]]:
+        """Split plans in force by agent and model, with the figures they were made for."""
+
+
 @dataclass
 class Services:
     jobs: JobService | None = None
     rollouts: RolloutService | None = None
     fleet: FleetView | None = None
     gateway: GatewayService | None = None
+    placements: PlacementView | None = None

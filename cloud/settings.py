@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edgefed.common.devices import UnknownDeviceProfile, load_profile
 from edgefed.common.routing import POLICY_NAMES
 from edgefed.common.settings import Settings, load_settings
 from edgefed.common.topics import ID_PATTERN
@@ -22,6 +24,66 @@ def default_data_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/lib/edgefed-controller")
     return Path.home() / ".local" / "share" / "edgefed-controller"
+
+
+class SplitModelSettings(BaseModel):
+    """How the controller places one model's requests (``[controller.split.models.NAME]``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool: str = Field(default="default", pattern=ID_PATTERN)
+    """Cloud worker pool that serves the model (all-cloud) and its tails (split)."""
+    keep_raw_input_on_device: bool = False
+    """Raw input never leaves the device: all-cloud is never chosen."""
+    band: float = Field(default=0.25, ge=0, lt=1)
+    """Hysteresis band: link figures moving less than this share never re-plan."""
+    min_gain: float = Field(default=0.10, ge=0, lt=1)
+    """A new choice must beat the one in force by this share of its estimate."""
+    min_gain_ms: float = Field(default=0.5, ge=0)
+    """... and by at least this many milliseconds."""
+    dtype: Literal["fp32", "fp16", "int8"] = "fp16"
+    """How activations cross the link in a split."""
+    new_tokens: int = Field(default=16, ge=1)
+    """Decoders: tokens generated per request, as the planner assumes."""
+    edge_memory_bytes: int | None = Field(default=None, gt=0)
+    """Memory for model weights on the device; the device profile's when unset."""
+
+
+class SplitSettings(BaseModel):
+    """Split placement (``[controller.split]``): re-plan where each model runs per agent from
+    the link figures agents measure, and push the plan as a desired-state change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    """Off by default: agents route by their own settings alone."""
+    cloud_profile: str = "cloud-cpu"
+    """Device profile of the cloud workers (a built-in profile name)."""
+    models: dict[str, SplitModelSettings] = Field(default_factory=dict)
+    """Models to place, by name; others are left alone."""
+
+    @field_validator("cloud_profile")
+    @classmethod
+    def _known_profile(cls, v: str) -> str:
+        try:
+            load_profile(v)
+        except UnknownDeviceProfile as exc:
+            raise ValueError(exc.message) from None
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, v: dict[str, SplitModelSettings]) -> dict[str, SplitModelSettings]:
+        for name in v:
+            if not re.fullmatch(ID_PATTERN, name):
+                raise ValueError(f"{name!r} is not a valid model name")
+        return v
+
+    @model_validator(mode="after")
+    def _models_when_enabled(self) -> SplitSettings:
+        if self.enabled and not self.models:
+            raise ValueError("split placement is enabled but names no models to place")
+        return self
 
 
 class ControllerSettings(BaseModel):
@@ -61,6 +123,8 @@ class ControllerSettings(BaseModel):
     """How the gateway picks a target: latency, round-robin, least-outstanding or random."""
     gateway_timeout_s: float = Field(default=30.0, gt=0, le=600)
     """Deadline of a gateway request that names none."""
+    split: SplitSettings = Field(default_factory=SplitSettings)
+    """Split placement of models per agent from measured links (off by default)."""
     dev_mode: bool = False
     """Allow plain HTTP off loopback and similar conveniences for development."""
 

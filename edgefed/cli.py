@@ -679,6 +679,56 @@ def split_plan(
     out.print(plan.table(), highlight=False, markup=False)
 
 
+@split_app.command("publish")
+def split_publish(
+    model_dir: Annotated[Path, typer.Argument(help="The Hugging Face model directory to split.")],
+    name: Annotated[str, typer.Option(help="The model's name in the registry.")],
+    version: Annotated[
+        int, typer.Option(min=1, help="The model version the pairs belong to (as deployed).")
+    ],
+    split_points: Annotated[
+        str, typer.Option("--split-points", help="Layers kept on the edge, e.g. 2,4.")
+    ],
+    target: Annotated[
+        str, typer.Option(help="Device target of the heads (and tails), e.g. x86-avx2.")
+    ] = "x86-avx2",
+    seq: Annotated[int, typer.Option(min=1, help="Tokens per request to profile at.")] = 128,
+) -> None:
+    """Export head and tail at each split point, sign them with the controller's key into its
+    artifact store, register them as NAME.kK.head / NAME.kK.tail vVERSION, and store the
+    model's reference profile where the controller's split placement finds it."""
+    from edgefed.cloud.api.app import open_controller
+    from edgefed.cloud.registry.db import session_scope
+    from edgefed.cloud.split.publish import parse_split_points, publish_split
+
+    settings = _cloud_settings()
+    points = parse_split_points(split_points)
+    state = open_controller(settings)
+    try:
+        with (
+            err.status("profiling, exporting and signing..."),
+            session_scope(state.write_sessions) as session,
+        ):
+            done = publish_split(
+                model_dir,
+                store=state.artifact_store,
+                session=session,
+                name=name,
+                version=version,
+                split_points=points,
+                target=target,
+                signing_key=state.signing_key,
+                seq=seq,
+            )
+    finally:
+        state.engine.dispose()
+    table = Table("k", "head", "tail")
+    for k, arts in done.artifacts.items():
+        table.add_row(str(k), str(arts.head_dir), str(arts.tail_dir))
+    out.print(table)
+    out.print(f"profile: {done.profile_file}")
+
+
 def main() -> None:
     """Console entry point: run the app, turning edgefed errors into messages and exit codes."""
     try:

@@ -19,7 +19,9 @@ does not know would make the next generation number collide, and agents refuse a
 they have seen (replay protection).
 
 An agent's desired state lists **all** its models: a publication names the models to add or
-replace (and those to remove); the others are carried over from the stored state.
+replace (and those to remove); the others are carried over from the stored state. Placements
+(where each model's requests run, set by the split planner) are carried over the same way: a
+publication sets or drops the ones it names, and a removed model loses its placement.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import asyncio
 import hashlib
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -40,7 +42,7 @@ from edgefed.cloud.registry.models import Agent, Artifact, Model, ModelVersion
 from edgefed.common.artifact import MANIFEST_NAME
 from edgefed.common.errors import MessagingError, PayloadError, PermanentError
 from edgefed.common.mqtt import Message, MqttClient
-from edgefed.common.schemas import DesiredModel, DesiredState, decode
+from edgefed.common.schemas import DesiredModel, DesiredState, Placement, decode
 from edgefed.common.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,16 @@ def stored_models(agent: Agent) -> list[DesiredModel]:
     except ValidationError:
         log.error("agent %s: the stored desired state is not valid; treated as empty", agent.id)
         return []
+
+
+def stored_placements(agent: Agent) -> dict[str, Placement]:
+    """The placements of the agent's stored desired state (empty when it has none)."""
+    if not agent.desired_state:
+        return {}
+    try:
+        return dict(DesiredState.model_validate(agent.desired_state).placements)
+    except ValidationError:
+        return {}
 
 
 def merge_models(
@@ -242,17 +254,19 @@ class DesiredStatePublisher:
         models: Sequence[DesiredModel],
         *,
         remove: Iterable[str] = (),
+        placements: Mapping[str, Placement | None] | None = None,
     ) -> DesiredState:
-        """Add or replace ``models`` (and drop ``remove``) in the agent's desired state, record
-        it with the next generation, commit ``session`` (with the caller's changes), then
-        publish it retained (QoS 1, PUBACK awaited).
+        """Add or replace ``models`` (and drop ``remove``) in the agent's desired state, set
+        or drop (``None``) the ``placements`` named, record it with the next generation, commit
+        ``session`` (with the caller's changes), then publish it retained (QoS 1, PUBACK
+        awaited).
 
         When nothing changes, the caller's changes are committed, nothing is published and the
         stored state is returned: a step repeated after a restart never publishes twice. A
         publish that the broker does not acknowledge is logged and retried by :meth:`resync`.
         """
         try:
-            state = self.record(session, agent_id, models, remove=remove)
+            state = self.record(session, agent_id, models, remove=remove, placements=placements)
         except BaseException:
             session.rollback()
             raise
@@ -270,6 +284,7 @@ class DesiredStatePublisher:
         models: Sequence[DesiredModel],
         *,
         remove: Iterable[str] = (),
+        placements: Mapping[str, Placement | None] | None = None,
     ) -> DesiredState | None:
         """The first half of :meth:`publish`, for callers that write more in the same
         transaction: record the agent's next desired state in ``session`` (not committed) and
@@ -278,16 +293,32 @@ class DesiredStatePublisher:
         agent = session.get(Agent, agent_id, with_for_update=True, populate_existing=True)
         if agent is None:
             raise DesiredStateError(f"agent {agent_id!r} is not enrolled")
+        removed = set(remove)
         current = stored_models(agent)
-        merged = merge_models(current, models, remove)
-        if agent.desired_state is not None and merged == current:
+        merged = merge_models(current, models, removed)
+        current_placements = stored_placements(agent)
+        new_placements = {
+            name: placement
+            for name, placement in {**current_placements, **(placements or {})}.items()
+            if placement is not None and name not in removed
+        }
+        if (
+            agent.desired_state is not None
+            and merged == current
+            and new_placements == current_placements
+        ):
             return None
         # Never behind what the broker holds (a registry restored from a backup): agents
         # refuse a generation they have seen.
         agent.desired_generation = (
             max(agent.desired_generation or 0, self._broker.get(agent_id, 0)) + 1
         )
-        state = DesiredState(agent_id=agent_id, generation=agent.desired_generation, models=merged)
+        state = DesiredState(
+            agent_id=agent_id,
+            generation=agent.desired_generation,
+            models=merged,
+            placements=new_placements,
+        )
         agent.desired_state = state.model_dump(mode="json")
         return state
 
@@ -309,6 +340,16 @@ class DesiredStatePublisher:
             await self._send(state)
 
     async def _send(self, state: DesiredState) -> None:
+        if state.generation < self._broker.get(state.agent_id, 0):
+            # Recorded before a newer state that was sent first (two services record in their
+            # own threads): the newer one already carries everything this one says.
+            log.debug(
+                "desired state generation %d of %s is older than the published %d: not sent",
+                state.generation,
+                state.agent_id,
+                self._broker[state.agent_id],
+            )
+            return
         try:
             await self._client.publish(
                 self._topics.desired(state.agent_id),

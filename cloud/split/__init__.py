@@ -2,7 +2,9 @@
 
 :mod:`.partition` exports head and tail ONNX graphs for a split point; :mod:`.partition_generate`
 runs greedy generation over a split decoder; :mod:`.partition_sign` turns a pair into signed
-artifacts. (Profiling and planning live in :mod:`.profile` and :mod:`.plan`.)
+artifacts. (Profiling and planning live in :mod:`.profile`, :mod:`.plan` and :mod:`.replan`;
+:mod:`.publish` registers pairs and profiles for the controller, whose :mod:`.placements`
+service re-plans each agent's placement from its measured link.)
 """
 
 from edgefed.cloud.split.errors import (

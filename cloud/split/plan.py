@@ -28,7 +28,7 @@ new token before the cloud's tail can continue.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -264,6 +264,17 @@ def estimate(
     )
 
 
+def _check_split_points(
+    profile: ModelProfile, split_points: Collection[int] | None
+) -> frozenset[int] | None:
+    if split_points is None:
+        return None
+    allowed = frozenset(split_points)
+    for k in allowed:
+        profile.check_split_point(k)
+    return allowed
+
+
 def plan(
     profile: ModelProfile,
     edge: DeviceProfile,
@@ -275,6 +286,7 @@ def plan(
     dtype: WireDtype = "fp16",
     new_tokens: int = 16,
     weight_dtype: WeightDtype = "fp32",
+    split_points: Collection[int] | None = None,
 ) -> Plan:
     """The lowest-latency feasible option among all-edge, all-cloud and every split point.
 
@@ -282,8 +294,9 @@ def plan(
     it is scaled to ``edge`` and ``cloud`` by their speed factors. ``keep_raw_input_on_device``
     rules out all-cloud. ``edge_memory_bytes`` (default: the edge profile's memory) rules out
     options whose on-device weights (in ``weight_dtype``) do not fit. Ties go to fewer bytes on
-    the link, then to fewer layers on the device. Raises :class:`NoFeasiblePlan` when nothing is
-    left.
+    the link, then to fewer layers on the device. ``split_points`` (default: every one) limits the
+    splits to those that can run, e.g. whose head and tail artifacts are published; the others
+    stay in the plan, ruled out. Raises :class:`NoFeasiblePlan` when nothing is left.
     """
     if profile.device != "reference":
         raise PlanError(
@@ -293,6 +306,7 @@ def plan(
     memory = edge.memory_bytes if edge_memory_bytes is None else edge_memory_bytes
     if isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0:
         raise PlanError(f"edge memory must be a positive number of bytes, got {memory!r}")
+    allowed = _check_split_points(profile, split_points)
     options: list[Option] = []
     for k in range(profile.num_layers + 1):
         option = estimate(
@@ -308,6 +322,8 @@ def plan(
         reason = None
         if k == 0 and keep_raw_input_on_device:
             reason = "raw input must stay on the device"
+        elif allowed is not None and 0 < k < profile.num_layers and k not in allowed:
+            reason = f"no head/tail artifacts for split point {k}"
         elif option.edge_weight_bytes > memory:
             reason = (
                 f"needs {option.edge_weight_bytes} B of weights on the device, limit {memory} B"

@@ -18,7 +18,7 @@ change.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,15 +91,18 @@ class Replanner:
         *,
         keep_raw_input_on_device: bool = False,
         edge_memory_bytes: int | None = None,
+        split_points: Collection[int] | None = None,
     ) -> Plan | None:
         """Feed the latest measured figures for ``key``; the new plan to push, or ``None``.
 
-        The first observation of a key, or a change of device profile or constraints, always
-        returns a fresh plan.
+        ``split_points`` limits the splits considered (those whose artifacts exist; default:
+        every one). The first observation of a key, or a change of device profile or
+        constraints (split points included), always returns a fresh plan.
         """
         constraints = {
             "keep_raw_input_on_device": keep_raw_input_on_device,
             "edge_memory_bytes": edge_memory_bytes,
+            "split_points": None if split_points is None else frozenset(split_points),
         }
         entry = self._entries.get(key)
         if entry is None or entry.edge != edge or entry.constraints != constraints:

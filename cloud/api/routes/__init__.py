@@ -13,6 +13,7 @@ from edgefed.cloud.api.routes import (
     infer,
     jobs,
     models,
+    split,
     stats,
     tokens,
 )
@@ -28,6 +29,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     stats.router,
     audit.router,
     infer.router,
+    split.router,
 )
 
 __all__ = ["ROUTERS"]

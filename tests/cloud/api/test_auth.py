@@ -55,6 +55,7 @@ REQUIRED: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/stats/routing"): "reader",
     ("POST", "/api/v1/infer"): "reader",
     ("GET", "/api/v1/infer/targets"): "reader",
+    ("GET", "/api/v1/split/placements"): "reader",
 }
 """Who may call each route. A route under /api/v1 missing here is only checked for refusing
 callers without a valid token (AUTHENTICATED): declare it here to check its scope."""
