@@ -18,6 +18,10 @@ What the adapter guarantees:
   timeouts (connect, subscribe, publish) from :class:`~edgefed.common.settings.MqttSettings`.
 * Subscriptions are renewed after a reconnect when the broker lost the session.
 * TCP_NODELAY on every socket (Nagle's algorithm would add ~40-90 ms per round trip).
+* Few system calls per message (:class:`_BufferedSocket`): paho reads a packet's header a byte
+  at a time and sends each packet with its own ``send``; the adapter reads the socket once per
+  readable event and writes every packet queued during one event-loop iteration with one
+  ``send``, so a burst of replies and acknowledgements costs one system call, not one each.
 * TLS, mutual TLS, user name / password; a retained last will; shared subscriptions.
 * paho's exceptions and return codes never leave this module: see :mod:`edgefed.common.errors`.
 """
@@ -39,10 +43,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -56,6 +61,7 @@ from edgefed.common.errors import (
     MessagingError,
     PublishError,
 )
+from edgefed.common.mqtt_wire import MalformedPublish, PublishFields, parse_publish
 from edgefed.common.settings import BrokerAddress, MqttSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -63,6 +69,8 @@ log = logging.getLogger(__name__)
 #: CONNACK / SUBACK reason codes that retrying will not fix.
 _AUTH_REASONS = {0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C, 0x90, 0x97, 0x9A}
 _MAX_EXPIRY = 2**32 - 1
+_CLOSE_GRACE_S = 1.0
+"""How long closing waits for outstanding acknowledgements, then for the broker to hang up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +266,161 @@ def _variable_int(value: int) -> bytes:
             return bytes(out)
 
 
+_READ_CHUNK = 65536
+"""Bytes asked of the kernel per read: a burst of small packets arrives in one call."""
+
+
+class _BufferedSocket:
+    """paho's socket with a read buffer and a write buffer (paho sees a plain socket).
+
+    Reads: one ``recv`` of :data:`_READ_CHUNK` serves paho's many small reads. When a read
+    returned less than it asked for, the socket is taken to be empty until the event loop says
+    it is readable again (:meth:`begin_read`), so draining costs no extra ``recv`` that fails
+    with ``EAGAIN``; level-triggered readiness makes that safe.
+
+    Writes: ``send`` only appends; :meth:`flush` writes the whole buffer with as few ``send``
+    calls as the kernel allows and says whether anything is left (then the adapter waits for
+    the socket to be writable). :meth:`close` flushes first, so a DISCONNECT that paho queues
+    and closes right after still leaves (otherwise the broker would publish the will).
+    """
+
+    __slots__ = ("_drained", "_rbuf", "_rpos", "_wbuf", "sock")
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self._rbuf = b""
+        self._rpos = 0
+        self._drained = False
+        self._wbuf = bytearray()
+
+    # reading
+
+    def begin_read(self) -> None:
+        """The event loop reported the socket readable: the next empty-buffer read asks it."""
+        self._drained = False
+
+    def recv(self, size: int) -> bytes:
+        start = self._rpos
+        buffered = len(self._rbuf) - start
+        if buffered == 0:
+            if self._drained and not self._tls_pending():
+                raise BlockingIOError
+            want = max(size, _READ_CHUNK)
+            data: bytes = self.sock.recv(want)
+            self._drained = len(data) < want
+            if len(data) <= size:
+                return data  # b"" at EOF: paho reports the connection lost
+            self._rbuf, self._rpos = data, size
+            return data[:size]
+        if size >= buffered:
+            out = self._rbuf[start:]
+            self._rbuf, self._rpos = b"", 0
+            return out
+        self._rpos = start + size
+        return self._rbuf[start : start + size]
+
+    def pending(self) -> int:
+        """Bytes readable without asking the kernel (buffered here or inside TLS)."""
+        return len(self._rbuf) - self._rpos + self._tls_pending()
+
+    def _tls_pending(self) -> int:
+        pending = getattr(self.sock, "pending", None)
+        return int(pending()) if pending is not None else 0
+
+    # writing
+
+    def send(self, buffer: bytes | bytearray) -> int:
+        self._wbuf += buffer
+        return len(buffer)
+
+    def flush(self) -> bool:
+        """Write what the kernel takes now; ``True`` when nothing is left. Raises ``OSError``
+        (or an ``ssl.SSLError``) when the connection is broken."""
+        buf = self._wbuf
+        while buf:
+            try:
+                sent = self.sock.send(buf)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                return False
+            if sent <= 0:
+                return False
+            del buf[:sent]
+        return True
+
+    # the rest of the socket
+
+    def close(self) -> None:
+        try:
+            with contextlib.suppress(OSError, ssl.SSLError):
+                self.flush()
+        finally:
+            self._wbuf.clear()
+            self.sock.close()
+
+    def fileno(self) -> int:
+        fileno: int = self.sock.fileno()
+        return fileno
+
+    def setblocking(self, flag: bool) -> None:
+        self.sock.setblocking(flag)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+_NO_PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+
+
+class _PahoClient(paho.Client):
+    """paho's client with the hot paths of request/reply made cheap; paho keeps the protocol.
+
+    Three paho 2.x methods are replaced, each falling back to paho outside the case it speeds
+    up (the fast paths carry every message of ``tests/test_mqtt_integration.py`` and
+    ``tests/test_mqtt_batched_io.py``; ``tests/test_mqtt_wire.py`` checks the parser against
+    paho's own):
+
+    * ``_create_socket`` wraps paho's socket (TCP or TLS) in a :class:`_BufferedSocket`;
+    * ``_handle_publish`` reads a v5 QoS 0/1 PUBLISH with :func:`parse_publish` and hands it to
+      ``deliver`` (acknowledged later by the adapter, as ``manual_ack`` has paho do);
+    * ``_handle_pubackcomp`` answers a plain successful PUBACK (packet id only, how brokers
+      acknowledge almost every message) with shared reason-code and property objects, where
+      paho builds two fresh ones whose constructors cost tens of microseconds.
+    """
+
+    def __init__(self, deliver: Callable[[PublishFields], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._edgefed_deliver = deliver
+
+    def _create_socket(self) -> Any:
+        return _BufferedSocket(super()._create_socket())
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        header = self._in_packet["command"]
+        if (
+            not self._manual_ack
+            or self._protocol != MQTTProtocolVersion.MQTTv5
+            or (header >> 1) & 0x03 > 1
+        ):
+            return super()._handle_publish()
+        try:
+            fields = parse_publish(header, self._in_packet["packet"])
+        except MalformedPublish as exc:
+            raise MalformedPacket(str(exc)) from exc
+        self._edgefed_deliver(fields)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or len(packet) != 2 or self._protocol != MQTTProtocolVersion.MQTTv5:
+            return super()._handle_pubackcomp(cmd)
+        mid = (packet[0] << 8) | packet[1]
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PUBACK_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
 class MqttClient:
     """An MQTT v5 client session with a broker, used as ``async with MqttClient(...) as c``.
 
@@ -301,7 +464,7 @@ class MqttClient:
         self._generation = 0
         self._session_present = False
         self._fd: int | None = None
-        self._writer_wanted = False
+        self._write_scheduled = False
         self._writer_armed = False
         self._connack: asyncio.Future[tuple[int, bool]] | None = None
         self._lost: asyncio.Event | None = None
@@ -315,6 +478,9 @@ class MqttClient:
         self._subscriptions: dict[str, _Subscription] = {}
         self._pending_subacks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
         self._pending_pubacks: dict[int, asyncio.Future[ReasonCode]] = {}
+        self._unacked: set[int] = set()
+        """Packet ids of QoS 1 messages published and not yet acknowledged by the broker."""
+        self._all_acked: asyncio.Event | None = None
         self._held: deque[_Inbound] = deque(maxlen=10_000)
         self._connect_hooks: list[ConnectHook] = []
         self.reconnects = 0
@@ -375,6 +541,8 @@ class MqttClient:
             return
         self._closing = True
         client = self._paho
+        if client is not None and self.connected and self._unacked:
+            await self._wait_all_acked(_CLOSE_GRACE_S)
         if client is not None and self.connected:
             reason = ReasonCode(
                 PacketTypes.DISCONNECT,
@@ -387,7 +555,7 @@ class MqttClient:
             # Give the DISCONNECT a moment to leave; the broker closes the socket after it.
             if self._lost is not None:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._lost.wait(), 1.0)
+                    await asyncio.wait_for(self._lost.wait(), _CLOSE_GRACE_S)
         for task in [self._supervisor, self._misc, *self._tasks]:
             if task is not None and not task.done():
                 task.cancel()
@@ -406,6 +574,21 @@ class MqttClient:
                 suback.set_exception(closed)
         self._closed = True
 
+    async def _wait_all_acked(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) for the broker to acknowledge every QoS 1 message sent.
+
+        Closing with acknowledgements still unread makes the kernel reset the connection, and a
+        reset can make the broker drop what it had not read yet -- queued messages and the
+        DISCONNECT, so it would publish the will. Packets leave in batches (see
+        :class:`_BufferedSocket`), so the last batch is usually still in the broker's buffer.
+        """
+        self._all_acked = asyncio.Event()
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_acked.wait(), timeout)
+        finally:
+            self._all_acked = None
+
     def add_connect_hook(self, hook: ConnectHook) -> None:
         """``await hook(session_present)`` after every (re)connection, once subscribed."""
         self._connect_hooks.append(hook)
@@ -413,8 +596,8 @@ class MqttClient:
     @property
     def tcp_nodelay(self) -> bool | None:
         """Whether Nagle's algorithm is off on the current socket (``None`` when not connected)."""
-        sock = self._paho.socket() if self._paho is not None else None
-        if not isinstance(sock, socket.socket):
+        sock = _raw_socket(self._paho.socket() if self._paho is not None else None)
+        if sock is None:
             return None
         return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
@@ -490,6 +673,8 @@ class MqttClient:
         )
         client = self._client()
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if qos == 1 and info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            self._unacked.add(info.mid)
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
             raise PublishError(
                 f"outgoing queue is full ({self._max_queued_outgoing} messages) while the "
@@ -735,7 +920,8 @@ class MqttClient:
     # ------------------------------------------------------------------ paho glue
 
     def _make_paho(self) -> paho.Client:
-        client = paho.Client(
+        client = _PahoClient(
+            self._on_publish_fields,
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=MQTTProtocolVersion.MQTTv5,
@@ -789,7 +975,6 @@ class MqttClient:
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_socket_register_write
-        client.on_socket_unregister_write = self._on_socket_unregister_write
         return client
 
     def _ssl_context(self) -> ssl.SSLContext:
@@ -818,7 +1003,7 @@ class MqttClient:
             loop.call_soon_threadsafe(fn, *args)
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        raw = sock if isinstance(sock, socket.socket) else None
+        raw = _raw_socket(sock)
         if raw is not None and raw.family in (socket.AF_INET, socket.AF_INET6):
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         fd = sock.fileno()
@@ -833,45 +1018,59 @@ class MqttClient:
     def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         fd = self._fd
         self._fd = None
-        self._writer_wanted = self._writer_armed = False
+        self._writer_armed = False
         if fd is not None and self._loop is not None and not self._loop.is_closed():
             self._in_loop(self._loop.remove_reader, fd)
             self._in_loop(self._loop.remove_writer, fd)
 
-    # Writes: paho asks for a writer whenever it queues a packet. Most packets are written at
-    # once by _flush() (same loop iteration), so the writer is armed one iteration later and
-    # only if paho still has bytes to send (a full socket buffer): no epoll_ctl per publish.
+    # Writes: paho queues packets (and says so through on_socket_register_write); the adapter
+    # hands them to the socket once per event-loop iteration (_write_out), where they leave in
+    # one send. Only when the kernel's buffer is full does it wait for the socket to be writable.
 
     def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._in_loop(self._want_writer)
+        self._in_loop(self._schedule_write)
 
-    def _want_writer(self) -> None:
-        if not self._writer_wanted:
-            self._writer_wanted = True
-            assert self._loop is not None
-            self._loop.call_soon(self._arm_writer)
+    def _schedule_write(self) -> None:
+        if not self._write_scheduled and self._loop is not None and not self._loop.is_closed():
+            self._write_scheduled = True
+            self._loop.call_soon(self._write_out)
 
-    def _arm_writer(self) -> None:
-        fd = self._fd
-        if self._writer_wanted and not self._writer_armed and fd is not None and self._loop:
-            self._loop.add_writer(fd, self._do_write)
-            self._writer_armed = True
+    def _write_out(self) -> None:
+        self._write_scheduled = False
+        client = self._paho
+        if client is None:
+            return
+        try:
+            if client.want_write():
+                client.loop_write()
+            sock = client.socket()
+            if not isinstance(sock, _BufferedSocket):
+                return  # closed (a DISCONNECT closes the socket once written)
+            done = sock.flush()
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("mqtt %s write failed: %s", self.client_id, exc)
+            self._drop_socket(client)
+            self._mark_lost()
+            return
+        self._arm_writer(not done)
 
-    def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._in_loop(self._unwant_writer)
-
-    def _unwant_writer(self) -> None:
-        self._writer_wanted = False
-        if self._writer_armed:
-            self._writer_armed = False
-            fd = self._fd
-            if fd is not None and self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_writer(fd)
+    def _arm_writer(self, wanted: bool) -> None:
+        fd, loop = self._fd, self._loop
+        if fd is None or loop is None or loop.is_closed() or wanted == self._writer_armed:
+            return
+        if wanted:
+            loop.add_writer(fd, self._write_out)
+        else:
+            loop.remove_writer(fd)
+        self._writer_armed = wanted
 
     def _do_read(self) -> None:
         client = self._paho
         if client is None:
             return
+        sock = client.socket()
+        if isinstance(sock, _BufferedSocket):
+            sock.begin_read()
         try:
             while True:
                 client.loop_read()
@@ -884,25 +1083,9 @@ class MqttClient:
             self._drop_socket(client)
             self._mark_lost()
 
-    def _do_write(self) -> None:
-        client = self._paho
-        if client is None:
-            return
-        try:
-            client.loop_write()
-        except (OSError, ssl.SSLError) as exc:
-            log.debug("mqtt %s write failed: %s", self.client_id, exc)
-            self._drop_socket(client)
-            self._mark_lost()
-
     def _flush(self, client: paho.Client) -> None:
-        """Write queued packets now instead of on the next loop iteration (saves latency)."""
-        if client.want_write() and client.socket() is not None:
-            try:
-                client.loop_write()
-            except (OSError, ssl.SSLError):
-                self._drop_socket(client)
-                self._mark_lost()
+        """Send queued packets at the end of this event-loop iteration (one send for all)."""
+        self._schedule_write()
 
     def _drop_socket(self, client: paho.Client) -> None:
         sock = client.socket()
@@ -914,7 +1097,7 @@ class MqttClient:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(fd)
                 self._loop.remove_writer(fd)
-        self._writer_wanted = self._writer_armed = False
+        self._writer_armed = False
 
     def _on_log(self, client: paho.Client, userdata: Any, level: int, buf: str) -> None:
         if level == paho.MQTT_LOG_ERR:
@@ -980,6 +1163,9 @@ class MqttClient:
         properties: Properties | None,
     ) -> None:
         def deliver() -> None:
+            self._unacked.discard(mid)
+            if not self._unacked and self._all_acked is not None:
+                self._all_acked.set()
             fut = self._pending_pubacks.pop(mid, None)
             if fut is not None and not fut.done():
                 fut.set_result(reason_code)
@@ -1015,7 +1201,26 @@ class MqttClient:
             expiry_s=getattr(props, "MessageExpiryInterval", None),
             user_properties=tuple(getattr(props, "UserProperty", ()) or ()),
         )
-        inbound = _Inbound(message, msg.mid, self._generation)
+        self._receive(message, msg.mid)
+
+    def _on_publish_fields(self, f: PublishFields) -> None:
+        """A v5 PUBLISH read by :func:`parse_publish` (the usual path; see :class:`_PahoClient`)."""
+        message = Message(
+            topic=f.topic,
+            payload=f.payload,
+            qos=f.qos,
+            retain=f.retain,
+            dup=f.dup,
+            content_type=f.content_type,
+            correlation_data=f.correlation_data,
+            response_topic=f.response_topic,
+            expiry_s=f.expiry_s,
+            user_properties=f.user_properties,
+        )
+        self._receive(message, f.mid)
+
+    def _receive(self, message: Message, mid: int) -> None:
+        inbound = _Inbound(message, mid, self._generation)
         if not self._route(inbound):
             if len(self._held) == self._held.maxlen:
                 log.warning("mqtt %s: too many unrouted messages; dropping oldest", self.client_id)
@@ -1083,6 +1288,12 @@ class MqttClient:
             raise ClientClosedError(
                 f"MQTT client {self.client_id} is not entered: use `async with`"
             )
+
+
+def _raw_socket(sock: Any) -> socket.socket | None:
+    """The OS socket under paho's (possibly buffered) socket, for socket options."""
+    raw = sock.sock if isinstance(sock, _BufferedSocket) else sock
+    return raw if isinstance(raw, socket.socket) else None
 
 
 def new_client_id(prefix: str = "edgefed") -> str:
