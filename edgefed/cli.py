@@ -8,7 +8,6 @@ packages only inside the command that needs them, so the edge install stays ligh
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import sys
@@ -187,61 +186,132 @@ def broker(
     out.print("mosquitto stopped")
 
 
+# --------------------------------------------------------------------------- simulation
+
+OutOption = Annotated[
+    Path | None,
+    typer.Option("--out", help="Report folder (default: ./edgefed-reports/SCENARIO-TIME)."),
+]
+CacheOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir", help="Prepared models are kept here (default ~/.cache/edgefed/sim)."
+    ),
+]
+TinyOption = Annotated[
+    bool,
+    typer.Option(
+        "--tiny", help="Serve the tiny model instead of MiniLM (also EDGEFED_SIM_TINY=1)."
+    ),
+]
+
+
+def _run_simulation(
+    scenario_file: Path,
+    *,
+    out_dir: Path | None,
+    cache_dir: Path | None,
+    duration_s: float | None = None,
+    rate: float | None = None,
+    tiny: bool = False,
+    mode: str | None = None,
+) -> None:
+    import time as _time
+
+    from edgefed.simulation.runner import RunOptions, override, run_scenario
+    from edgefed.simulation.scenario import ScenarioError, load_scenario
+
+    _settings()
+    if not _state.log_level:  # the fleet's own chatter would bury the progress bars
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        scenario = load_scenario(scenario_file)
+        if duration_s is not None or rate is not None:
+            scenario = override(scenario, duration_s=duration_s, rate_per_s=rate)
+    except ScenarioError:
+        raise  # a ConfigError: its message names the file, line and field
+    except ValueError as exc:  # an override that breaks the scenario's own checks
+        raise ConfigError(f"{scenario_file}: the overrides do not fit: {exc}") from None
+    if mode is not None and mode not in ("processes", "in-process"):
+        raise ConfigError(f"--mode must be processes or in-process (got {mode!r})")
+    stamp = _time.strftime("%Y%m%d-%H%M%S")
+    out_dir = out_dir or Path("edgefed-reports") / f"{scenario.name}-{stamp}"
+    options = RunOptions(
+        out_dir=out_dir, cache_dir=cache_dir, force_tiny=tiny or None, mode=mode, console=out
+    )
+    files = asyncio.run(run_scenario(scenario, options))
+    if files.summary.totals.lost:
+        err.print(f"[red]{files.summary.totals.lost} request(s) lost[/red]")
+        raise typer.Exit(70)
+
+
+@app.command()
+def simulate(
+    scenario_file: Annotated[
+        Path | None, typer.Argument(help="Scenario YAML (see simulation/scenarios/).")
+    ] = None,
+    out_dir: OutOption = None,
+    cache_dir: CacheOption = None,
+    duration_s: Annotated[
+        float | None,
+        typer.Option("--duration-s", min=1, help="Run this long (the timeline scales to fit)."),
+    ] = None,
+    rate: Annotated[
+        float | None, typer.Option("--rate", min=0.01, help="Base request rate per second.")
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option(help="Override the scenario's mode: processes or in-process.")
+    ] = None,
+    tiny: TinyOption = False,
+    list_builtin: Annotated[
+        bool, typer.Option("--list", help="List the scenarios that ship with edgefed.")
+    ] = False,
+) -> None:
+    """Run a scenario: a whole fleet on this machine (broker, controller, workers, agents as
+    real processes behind shaped links), its workload, faults and rollouts; then the report."""
+    from edgefed.simulation.scenario import builtin_scenario, builtin_scenario_names
+
+    if list_builtin:
+        for name in builtin_scenario_names():
+            out.print(f"{name:20} {builtin_scenario(name)}")
+        return
+    if scenario_file is None:
+        raise ConfigError("name a scenario file (or --list the built-in ones)")
+    if not scenario_file.exists() and scenario_file.name in builtin_scenario_names():
+        scenario_file = builtin_scenario(scenario_file.name)
+    _run_simulation(
+        scenario_file,
+        out_dir=out_dir,
+        cache_dir=cache_dir,
+        duration_s=duration_s,
+        rate=rate,
+        tiny=tiny,
+        mode=mode,
+    )
+
+
 @app.command()
 def demo(
-    requests: Annotated[int, typer.Option(min=1, help="Round trips to measure.")] = 200,
-    payload_bytes: Annotated[int, typer.Option(min=200, help="Request size in bytes.")] = 1024,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    out_dir: OutOption = None,
+    cache_dir: CacheOption = None,
+    tiny: TinyOption = False,
+    duration_s: Annotated[
+        float | None,
+        typer.Option("--duration-s", min=1, help="A shorter run (the timeline scales to fit)."),
+    ] = None,
 ) -> None:
-    """Run the main job on embedded defaults (private broker, demo agent, request/reply)."""
-    from edgefed.simulation.demo import run_demo
+    """The main job on embedded defaults: compress MiniLM, run 4 heterogeneous agents on
+    different links with split plans, a routed workload, a killed agent, a cut link and a
+    canary rollout; then the summary and the report."""
+    from edgefed.simulation.scenario import builtin_scenario
 
-    settings = _settings()
-    if settings.broker_url is None and settings.fleet == "default":
-        settings = settings.model_copy(update={"fleet": "demo"})
-    report = asyncio.run(
-        run_demo(
-            settings,
-            requests=requests,
-            payload_bytes=payload_bytes,
-            progress=(lambda m: None) if as_json else (lambda m: out.print(f"• {m}")),
-        )
+    _run_simulation(
+        builtin_scenario("demo"),
+        out_dir=out_dir,
+        cache_dir=cache_dir,
+        tiny=tiny,
+        duration_s=duration_s,
     )
-    if as_json:
-        out.print_json(
-            json.dumps(
-                {
-                    "broker_url": report.broker_url,
-                    "requests": len(report.round_trips_ms),
-                    "payload_bytes": report.payload_bytes,
-                    "median_ms": report.median_ms,
-                    "p99_ms": report.percentile(0.99),
-                    "status_seen": report.status_seen,
-                    "malformed_reply": report.malformed_reply,
-                    "timeout_error": report.timeout_error,
-                }
-            )
-        )
-        return
-    table = Table(title="MQTT v5 request/reply through mosquitto")
-    for col in ("requests", "payload", "median", "p90", "p99", "max"):
-        table.add_column(col, justify="right")
-    table.add_row(
-        str(len(report.round_trips_ms)),
-        f"{report.payload_bytes} B",
-        f"{report.median_ms:.2f} ms",
-        f"{report.percentile(0.90):.2f} ms",
-        f"{report.percentile(0.99):.2f} ms",
-        f"{max(report.round_trips_ms):.2f} ms",
-    )
-    out.print(table)
-    out.print(f"broker: {report.broker_url}" + (" (private)" if report.private_broker else ""))
-    for name, topic in report.topics.items():
-        out.print(f"  {name:8} {topic}")
-    out.print(f"agent status seen: {' → '.join(report.status_seen)}")
-    out.print(f"a reply:           {json.dumps(report.sample_reply)[:160]}")
-    out.print(f"malformed request: {json.dumps(report.malformed_reply)}")
-    out.print(f"nobody listening:  {report.timeout_error}")
 
 
 # --------------------------------------------------------------------------- compression

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import shutil
 import signal
@@ -69,11 +70,18 @@ from edgefed.common.devices import load_profile
 from edgefed.common.errors import EdgefedError, PayloadError, PermanentError
 from edgefed.common.mqtt import Message, MqttClient
 from edgefed.common.rpc import Requester
-from edgefed.common.schemas import AgentState, AgentStatus, InferenceReply, InferenceRequest, decode
+from edgefed.common.schemas import (
+    AgentState,
+    AgentStatus,
+    Decoded,
+    InferenceReply,
+    InferenceRequest,
+    decode,
+)
 from edgefed.common.settings import Settings, load_settings
 from edgefed.common.topics import Topics
 from edgefed.edge.agent import Agent
-from edgefed.edge.config import AgentConfig
+from edgefed.edge.config import AgentConfig, LocalEndpoint, OffloadConfig
 from edgefed.edge.join import join
 from edgefed.simulation.fleet_spec import AgentSpec, FleetSpec, ModelSpec
 from edgefed.simulation.linkproxy import LinkProfile, LinkProxy
@@ -193,6 +201,10 @@ class Fleet:
         self.statuses: dict[str, AgentState] = {}
         """Agent id -> the state of its latest retained status."""
         self.broker: PrivateBroker | None = None
+        self.device_broker: PrivateBroker | None = None
+        """With ``spec.local_endpoints``: the loopback broker standing in for the devices'."""
+        self._local_mqtt: MqttClient | None = None
+        self._local_requester: Requester | None = None
         self._supervisor = Supervisor(self.root / "logs", grace_s=min(grace_s, 5.0))
         self._controller: _Controller | None = None
         self._mqtt: MqttClient | None = None
@@ -303,6 +315,10 @@ class Fleet:
         self._signing_key = load_signing_key(self.data_dir / "signing.key")
         for model in spec.models:
             await self.publish_model(model)
+            if model.split_points:
+                await self._publish_split(model)
+        if spec.local_endpoints:
+            await self._start_device_broker()
         for pool in spec.pools:
             self.workers[pool.name] = []
             for i in range(pool.workers):
@@ -321,10 +337,11 @@ class Fleet:
             await self._stop_everything()
         finally:
             self._supervisor.close()  # whatever is still running is killed here, synchronously
-            if self.broker is not None:
-                if self.broker.pid is not None:
-                    self._supervisor.unwatch(self.broker.pid)
-                self.broker.close()
+            for broker in (self.broker, self.device_broker):
+                if broker is not None:
+                    if broker.pid is not None:
+                        self._supervisor.unwatch(broker.pid)
+                    broker.close()
             if self._sigterm_installed:
                 with contextlib.suppress(Exception):
                     asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
@@ -348,10 +365,11 @@ class Fleet:
         agent_children = [a.child for a in self.agents.values() if a.child is not None]
         await asyncio.gather(*(c.stop(self.grace_s) for c in agent_children))
         await self._supervisor.stop_all(self.grace_s)
-        if self._mqtt is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._mqtt.aclose(), 5.0)
-            self._mqtt = None
+        for client in (self._mqtt, self._local_mqtt):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.aclose(), 5.0)
+        self._mqtt = self._local_mqtt = None
         if self._http is not None:
             await self._http.aclose()
             self._http = None
@@ -384,6 +402,7 @@ class Fleet:
             EDGEFED_CONTROLLER__ROLLOUT_TICK_S="0.2",
             EDGEFED_CONTROLLER__RATE_LIMIT_PER_MINUTE="1000000",
         )
+        env.update(_controller_env(self.spec.controller))
         child = self._supervisor.child("controller", [*_CLI, "cloud", "serve"], env)
         return _Controller(child, port, self.data_dir)
 
@@ -476,6 +495,39 @@ class Fleet:
                 raise FleetError(f"deployment {dep_id} stuck in {dep['status']}")
             await asyncio.sleep(0.2)
 
+    async def _publish_split(self, model: ModelSpec) -> None:
+        """``edgefed split publish`` into the controller's store and registry (the command an
+        operator runs on the controller host), for the model's first version."""
+        assert model.split_source is not None
+        argv = [
+            *_CLI,
+            "split",
+            "publish",
+            str(model.split_source),
+            "--name",
+            model.name,
+            "--version",
+            str(self.model_versions[model.name]),
+            "--split-points",
+            ",".join(map(str, model.split_points)),
+            "--target",
+            model.target,
+        ]
+        env = child_env(
+            EDGEFED_FLEET=self.spec.fleet,
+            EDGEFED_LOG_FORMAT="plain",
+            EDGEFED_CONTROLLER__DATA_DIR=str(self.data_dir),
+            HF_HUB_OFFLINE="1",
+        )
+        proc = await asyncio.create_subprocess_exec(
+            *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        output, _ = await proc.communicate()
+        if proc.returncode != 0:
+            tail = output.decode(errors="replace")[-2000:]
+            raise FleetError(f"split publish of {model.name} failed ({proc.returncode}):\n{tail}")
+        self.record("split.publish", model.name, f"k={model.split_points}")
+
     # ------------------------------------------------------------------ workers
 
     async def _start_worker(self, pool: str, models: list[str], index: int) -> Child:
@@ -489,6 +541,9 @@ class Fleet:
             EDGEFED_MQTT__BACKOFF_MAX_S="0.5",
             EDGEFED_CONTROLLER__DATA_DIR=str(self.data_dir),
             EDGEFED_WORKER__INTRA_OP_THREADS="1",
+            EDGEFED_WORKER__TARGET=next(
+                (m.target for m in self.spec.models if m.name == models[0]), "x86-avx2"
+            ),
         )
         child = self._supervisor.child(f"worker-{pool}-{index}", argv, env)
         child.start()
@@ -556,7 +611,14 @@ class Fleet:
                 "emulated_speed_factor": load_profile(spec.device).speed_factor,
             }
         )
-        config.local_endpoint = config.local_endpoint.model_copy(update={"enabled": False})
+        config.local_endpoint = LocalEndpoint(
+            enabled=self.device_broker is not None,
+            broker_url=self.device_broker.url if self.device_broker is not None else None,
+        )
+        if self.spec.offload:
+            config.offload = OffloadConfig.model_validate(
+                {**config.offload.model_dump(), **self.spec.offload}
+            )
         config.save()
         agent = FleetAgent(spec, config.agent_id, config, broker_link, controller_link)
         self.agents[spec.name] = agent
@@ -617,6 +679,34 @@ class Fleet:
         )
         return reply.message
 
+    async def _start_device_broker(self) -> None:
+        broker = PrivateBroker(data_dir=self.root / "device-broker")
+        await asyncio.to_thread(broker.start)
+        self.device_broker = broker
+        assert broker.pid is not None
+        self._supervisor.watch(broker.pid)
+        client = MqttClient.from_settings(
+            self.settings.model_copy(update={"broker_url": broker.url}),
+            client_id=f"sim-apps-{self.spec.fleet}",
+        )
+        await client.__aenter__()
+        self._local_mqtt = client
+        self._local_requester = Requester(client, self.topics)
+
+    async def local_request(
+        self, name: str, request: InferenceRequest, *, timeout_s: float
+    ) -> Decoded[InferenceReply]:
+        """``request`` as an application on agent ``name``'s device sends it: to the agent's
+        local endpoint, whose router runs it there, on a pool or split (needs
+        ``spec.local_endpoints``). Error replies raise :class:`RemoteError`; no answer in
+        ``timeout_s`` raises :class:`RequestTimeout`."""
+        if self._local_requester is None:
+            raise FleetError("the fleet's agents have no local endpoints (spec.local_endpoints)")
+        topic = self.topics.agent_infer(self.agent(name).agent_id)
+        return await self._local_requester.request(
+            topic, request, InferenceReply, timeout=timeout_s
+        )
+
     # ------------------------------------------------------------------ faults
 
     async def kill_agent(self, name: str) -> None:
@@ -643,6 +733,12 @@ class Fleet:
         if wait and not agent.link_cut:
             self.statuses.pop(agent.agent_id, None)
             await self.wait_online([agent.name])
+
+    async def stop_agent(self, name: str) -> None:
+        """Stop an agent gracefully (SIGTERM: it drains and says goodbye)."""
+        agent = self.agent(name)
+        await self._stop_agent(agent)
+        self.record("agent.stop", agent.name, agent.agent_id)
 
     async def _stop_agent(self, agent: FleetAgent) -> None:
         if agent.child is not None:
@@ -731,6 +827,15 @@ class Fleet:
         await self._controller.child.stop(self.grace_s)
         await self._start_controller()
         self.record("controller.restart", "controller")
+
+
+def _controller_env(settings: dict[str, Any]) -> dict[str, str]:
+    """``[controller]`` settings as ``EDGEFED_CONTROLLER__KEY`` variables (JSON for tables and
+    lists, which the settings loader parses)."""
+    return {
+        f"EDGEFED_CONTROLLER__{key.upper()}": value if isinstance(value, str) else json.dumps(value)
+        for key, value in settings.items()
+    }
 
 
 def _sign_into(model: ModelSpec, dest: Path, version: int, key: SigningKey) -> None:

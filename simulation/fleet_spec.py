@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -70,6 +70,18 @@ class ModelSpec(BaseModel):
     target: Identifier = "x86-avx2"
     deploy: bool = True
     """Deploy to every agent at start-up (all at once)."""
+    split_points: list[int] = Field(default_factory=list)
+    """Split points to publish for the first version (``edgefed split publish``: head and tail
+    pairs, the reference profile); the pools serving the model also serve the tails."""
+    split_source: Path | None = None
+    """The Hugging Face model directory the split pairs are cut from (needed with
+    ``split_points``: the exported ONNX folder cannot be re-cut)."""
+
+    @model_validator(mode="after")
+    def _split_needs_source(self) -> ModelSpec:
+        if self.split_points and self.split_source is None:
+            raise ValueError("split_points need split_source (the Hugging Face model directory)")
+        return self
 
     @field_validator("source")
     @classmethod
@@ -100,6 +112,15 @@ class FleetSpec(BaseModel):
     telemetry_s: float = Field(default=2.0, gt=0)
     seed: int | None = None
     """Seeds the link proxies' jitter and loss."""
+    local_endpoints: bool = False
+    """Agents also serve local applications on a broker on their device (one loopback
+    mosquitto stands in for every device's, not behind any link proxy);
+    :meth:`Fleet.local_request` sends there, as an application on the device would."""
+    offload: dict[str, Any] = Field(default_factory=dict)
+    """The agents' ``offload`` settings (:class:`edgefed.edge.config.OffloadConfig` fields)."""
+    controller: dict[str, Any] = Field(default_factory=dict)
+    """Controller settings (``[controller]`` keys such as ``routing_policy`` or ``split``),
+    handed to ``edgefed cloud serve`` as ``EDGEFED_CONTROLLER__KEY`` variables."""
 
     @model_validator(mode="after")
     def _consistent(self) -> FleetSpec:
@@ -129,4 +150,10 @@ class FleetSpec(BaseModel):
         return self.links.get(site, LinkProfile())
 
     def pool_models(self, pool: PoolSpec) -> list[str]:
-        return list(pool.models) if pool.models is not None else [m.name for m in self.models]
+        """The models a pool's workers serve: its whole models, then the split tails of those
+        models (``<model>.k<k>.tail``)."""
+        names = list(pool.models) if pool.models is not None else [m.name for m in self.models]
+        tails = [
+            f"{m.name}.k{k}.tail" for m in self.models if m.name in names for k in m.split_points
+        ]
+        return names + tails

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -33,19 +32,6 @@ def test_help_lists_the_commands() -> None:
     assert result.returncode == 0
     for command in ("demo", "broker", "artifact", "version"):
         assert command in result.stdout
-
-
-@pytest.mark.integration
-def test_demo_runs_on_embedded_defaults_and_reports_a_round_trip() -> None:
-    result = run("demo", "--requests", "20", "--json", timeout=120)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert report["requests"] == 20
-    assert report["broker_url"].startswith("mqtt://127.0.0.1:")
-    assert report["median_ms"] > 0
-    assert report["status_seen"] == ["online", "offline"]
-    assert report["malformed_reply"]["code"] == "malformed"
-    assert "RequestTimeout" in report["timeout_error"]
 
 
 def test_invalid_settings_stop_the_command_with_exit_code_78_naming_the_variable() -> None:
