@@ -70,7 +70,8 @@ log = logging.getLogger(__name__)
 _AUTH_REASONS = {0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C, 0x90, 0x97, 0x9A}
 _MAX_EXPIRY = 2**32 - 1
 _CLOSE_GRACE_S = 1.0
-"""How long closing waits for outstanding acknowledgements, then for the broker to hang up."""
+"""How long closing waits for outstanding acknowledgements, then for the broker to hang up, then
+for the client's own tasks to end: closing takes at most three times this, whatever the link."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,42 +537,78 @@ class MqttClient:
         await self.aclose()
 
     async def aclose(self, *, publish_will: bool = False) -> None:
-        """Disconnect cleanly (the will is discarded unless ``publish_will``) and stop."""
+        """Disconnect cleanly (the will is discarded unless ``publish_will``) and stop.
+
+        Bounded whatever the link does (see :data:`_CLOSE_GRACE_S`). Cancelling it skips the
+        goodbye, never the clean-up: the socket is closed and the client's tasks are cancelled
+        before the cancellation goes on.
+        """
         if self._closed:
             return
         self._closing = True
         client = self._paho
-        if client is not None and self.connected and self._unacked:
+        try:
+            if client is not None:
+                await self._say_goodbye(client, publish_will)
+        finally:
+            try:
+                await self._stop_tasks()
+            finally:
+                self._release(client)
+
+    async def _say_goodbye(self, client: paho.Client, publish_will: bool) -> None:
+        """Let outstanding acknowledgements arrive, then DISCONNECT (each wait bounded)."""
+        if self.connected and self._unacked:
             await self._wait_all_acked(_CLOSE_GRACE_S)
-        if client is not None and self.connected:
-            reason = ReasonCode(
-                PacketTypes.DISCONNECT,
-                "Disconnect with will message" if publish_will else "Normal disconnection",
-            )
-            with contextlib.suppress(Exception):
-                client.disconnect(reasoncode=reason)
-                if client.want_write():
-                    client.loop_write()
-            # Give the DISCONNECT a moment to leave; the broker closes the socket after it.
-            if self._lost is not None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._lost.wait(), _CLOSE_GRACE_S)
-        for task in [self._supervisor, self._misc, *self._tasks]:
-            if task is not None and not task.done():
-                task.cancel()
-        await asyncio.gather(
-            *(t for t in [self._supervisor, self._misc, *self._tasks] if t is not None),
-            return_exceptions=True,
+        if not self.connected:
+            return
+        reason = ReasonCode(
+            PacketTypes.DISCONNECT,
+            "Disconnect with will message" if publish_will else "Normal disconnection",
         )
+        with contextlib.suppress(Exception):
+            client.disconnect(reasoncode=reason)
+            if client.want_write():
+                client.loop_write()
+        # Give the DISCONNECT a moment to leave; the broker closes the socket after it.
+        if self._lost is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_CLOSE_GRACE_S):
+                    await self._lost.wait()
+
+    async def _stop_tasks(self) -> None:
+        """Cancel the connection loop and running handlers; wait a bounded time for them (a
+        handler that ignores its cancellation is left behind with a warning, not waited for)."""
+        tasks = [t for t in (self._supervisor, self._misc, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if not tasks:
+            return
+        done, stuck = await asyncio.wait(tasks, timeout=_CLOSE_GRACE_S)
+        for task in done:
+            if not task.cancelled():
+                task.exception()  # retrieved: the tasks log their own failures
+        for task in stuck:
+            log.warning("mqtt %s: %s did not stop when cancelled", self.client_id, task.get_name())
+
+    def _release(self, client: paho.Client | None) -> None:
+        """Close the socket and fail whatever still waits on this client (synchronous)."""
         if client is not None:
             self._drop_socket(client)
         closed = ClientClosedError(f"MQTT client {self.client_id} closed")
-        for puback in self._pending_pubacks.values():
-            if not puback.done():
-                puback.set_exception(closed)
-        for suback in self._pending_subacks.values():
-            if not suback.done():
-                suback.set_exception(closed)
+        # Only futures that a caller awaits are registered (callers remove theirs when they
+        # stop waiting), so every exception set here is retrieved.
+        waiting: list[asyncio.Future[Any]] = [
+            *self._pending_pubacks.values(),
+            *self._pending_subacks.values(),
+        ]
+        for fut in waiting:
+            if not fut.done():
+                fut.set_exception(closed)
+        self._pending_pubacks.clear()
+        self._pending_subacks.clear()
+        if self._connack is not None and not self._connack.done():
+            self._connack.cancel()
         self._closed = True
 
     async def _wait_all_acked(self, timeout: float) -> None:
@@ -585,7 +622,8 @@ class MqttClient:
         self._all_acked = asyncio.Event()
         try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._all_acked.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._all_acked.wait()
         finally:
             self._all_acked = None
 
@@ -701,15 +739,20 @@ class MqttClient:
             return
         limit = timeout if timeout is not None else self.settings.publish_timeout_s
         try:
-            reason = await asyncio.wait_for(asyncio.shield(fut), limit)
+            # asyncio.timeout, not asyncio.wait_for: on Python 3.11, wait_for swallows a
+            # cancellation that arrives together with the PUBACK, and the caller's loop runs on.
+            async with asyncio.timeout(limit):
+                reason = await fut
         except TimeoutError:
             raise PublishError(
                 f"no PUBACK for the message to {topic} within {limit} s "
                 "(it stays queued and may still be delivered)"
             ) from None
         finally:
-            if fut.done():
-                self._pending_pubacks.pop(info.mid, None)
+            # Nobody waits for this PUBACK any more: a future left registered would get
+            # ClientClosedError at close that no one retrieves.
+            if self._pending_pubacks.get(info.mid) is fut:
+                del self._pending_pubacks[info.mid]
         if reason.value >= 0x80:
             if reason.value in _AUTH_REASONS:
                 raise BrokerAuthError(f"broker refused the publish to {topic}: {reason}")
@@ -834,10 +877,14 @@ class MqttClient:
         client.on_log = self._on_log  # only while connecting: paho formats every line it logs
         limit = self.settings.connect_timeout_s
         started = time.monotonic()
+        connack = self._connack
         try:
-            await asyncio.wait_for(loop.run_in_executor(None, self._blocking_connect), limit)
-            remaining = max(0.05, limit - (time.monotonic() - started))
-            code, session_present = await asyncio.wait_for(asyncio.shield(self._connack), remaining)
+            # asyncio.timeout, not asyncio.wait_for, which swallows a cancellation on Python 3.11
+            # when the connection completes at the same moment (and the loop then runs on).
+            async with asyncio.timeout(limit):
+                await loop.run_in_executor(None, self._blocking_connect)
+            async with asyncio.timeout(max(0.05, limit - (time.monotonic() - started))):
+                code, session_present = await connack
         except TimeoutError:
             self._drop_socket(client)
             raise BrokerUnavailable(
@@ -861,6 +908,8 @@ class MqttClient:
             raise
         finally:
             client.on_log = None
+            if not connack.done():
+                connack.cancel()  # abandoned: a late CONNACK or loss finds nobody waiting
         if code != 0:
             self._drop_socket(client)
             reason = ReasonCode(PacketTypes.CONNACK, identifier=code)
@@ -874,8 +923,22 @@ class MqttClient:
         """Runs in an executor thread: paho opens the socket (and TLS) and sends CONNECT."""
         client = self._client()
         rc = client.reconnect()
+        if self._closing or self._closed:
+            # Closed while this thread connected: nobody reads this socket, and a CONNECT left
+            # open would take the session (same client id) from the next instance of the client.
+            self._close_late_socket(client)
+            return
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise BrokerUnavailable(f"sending CONNECT failed: {paho.error_string(rc)}")
+
+    def _close_late_socket(self, client: paho.Client) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._drop_socket, client)
+                return
+        with contextlib.suppress(Exception):
+            client._sock_close()
 
     async def _resubscribe_all(self) -> None:
         subs = list(self._subscriptions.values())

@@ -310,6 +310,11 @@ async def serve(
                 cache.forget(key)  # a retry may succeed: do not pin the failure
                 slot.set_result(reply)
                 key = None
+        except asyncio.CancelledError:
+            if key is not None:  # duplicates waiting on this answer get a retryable error
+                cache.forget(key)
+                slot.set_result(encode(_stopped(request_id)))
+            raise
         if key is not None:
             slot.set_result(reply)
         await _send(client, message, reply)
@@ -319,6 +324,18 @@ async def serve(
 
 class _ExpiredError(Exception):
     pass
+
+
+def _stopped(request_id: str | None) -> ErrorReply:
+    """The answer for copies of a request whose first handling was cancelled (the responder
+    is stopping): retry, here later or elsewhere."""
+    return ErrorReply(
+        code=ErrorCode.UNAVAILABLE,
+        message="the responder stopped before answering",
+        request_id=request_id if isinstance(request_id, str) else None,
+        retryable=True,
+        retry_after_s=0.0,
+    )
 
 
 async def _send(client: MqttClient, request: Message, reply: Encoded) -> None:

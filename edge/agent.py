@@ -270,9 +270,10 @@ class Agent:
         retry_delay = 2.0
         while True:
             try:
-                desired = await asyncio.wait_for(
-                    self._desired.get(), retry_delay if reconciler.needs_retry else None
-                )
+                # asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for swallows a
+                # cancellation that arrives with a desired state, and this loop never ends.
+                async with asyncio.timeout(retry_delay if reconciler.needs_retry else None):
+                    desired = await self._desired.get()
             except TimeoutError:  # a download failed for a temporary reason: resume it
                 await reconciler.retry()
                 self.offloader.refresh()
@@ -413,18 +414,24 @@ class Agent:
                         name="outbox",
                     )
                     await stop.wait()
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(
-                            self.cloud.publish(
-                                self.topics.agent_status(cfg.agent_id),
-                                self._status(AgentState.OFFLINE, "agent stopped").to_json(),
-                                retain=True,
-                            ),
-                            2.0,
-                        )
+                    await self._say_goodbye()
                     raise _Stop
             except* _Stop:
                 log.info("agent %s stopped", cfg.agent_id)
+
+    async def _say_goodbye(self) -> None:
+        """Retained ``offline`` on a graceful stop, waiting at most 2 s for the broker. Without
+        a connection there is nobody to tell: a lost connection's will already said it."""
+        assert self.cloud is not None
+        if not self.cloud.connected:
+            return
+        with contextlib.suppress(Exception):
+            await self.cloud.publish(
+                self.topics.agent_status(self.config.agent_id),
+                self._status(AgentState.OFFLINE, "agent stopped").to_json(),
+                retain=True,
+                timeout=2.0,
+            )
 
     async def _cloud_setup(self, cache: ReplyCache) -> None:
         """Subscribe on the cloud link; waits for it as long as it takes (the agent serves
