@@ -97,6 +97,10 @@ SIM_LABEL = "sim.fleet"
 _FAILED_DEPLOYMENT = {"aborted", "rolled_back"}
 
 
+_API_ATTEMPTS = 4
+"""Tries of a read from the control API before the fleet gives up."""
+
+
 class FleetError(PermanentError):
     """The fleet could not start, or a fault names something it does not have."""
 
@@ -310,6 +314,9 @@ class Fleet:
             base_url=f"{self.controller_url}/api/v1",
             headers={"Authorization": f"Bearer {self.admin_token}"},
             timeout=30.0,
+            # Drop idle connections well before uvicorn closes them (5 s): a request sent on a
+            # connection the server is closing fails with "Server disconnected".
+            limits=httpx.Limits(keepalive_expiry=2.0),
         )
         await self._start_observer()
         self._signing_key = load_signing_key(self.data_dir / "signing.key")
@@ -426,7 +433,16 @@ class Fleet:
         """Call the control API as admin (``path`` under ``/api/v1``); the decoded answer."""
         if self._http is None:
             raise FleetError("the fleet is not running")
-        response = await self._http.request(method, path, **kwargs)
+        for attempt in range(_API_ATTEMPTS):
+            try:
+                response = await self._http.request(method, path, **kwargs)
+                break
+            except (httpx.RemoteProtocolError, httpx.ConnectError) as exc:
+                # Reads are safe to repeat; a controller busy serving a hundred downloads may
+                # drop a kept-alive connection. Writes are not retried (not idempotent).
+                if method.upper() != "GET" or attempt == _API_ATTEMPTS - 1:
+                    raise FleetError(f"{method} {path}: {exc!r}") from exc
+                await asyncio.sleep(0.2 * (attempt + 1))
         if response.status_code >= 300:
             raise FleetError(f"{method} {path}: {response.status_code} {response.text[:500]}")
         return response.json() if response.content else None
