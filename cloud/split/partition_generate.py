@@ -5,6 +5,10 @@ Numpy only; a session is anything with ONNX Runtime's ``InferenceSession`` inter
 ``get_inputs``, ``get_outputs``), so the cloud worker and tests pass real ORT sessions. The
 prompt crosses the link once as ``(batch, prompt, hidden)``; after it, each generated token
 crosses as one hidden vector ``(batch, 1, hidden)`` together with the attention mask.
+
+:func:`cached_generate` runs the same loop over one whole-model graph with its cache (from
+:func:`edgefed.cloud.split.partition_decoder.export_decoder_full`): the baseline a split is
+checked and timed against.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy.typing as npt
 
 from edgefed.cloud.split.errors import SplitRunError
 
-__all__ = ["SplitGeneration", "SplitSide", "split_generate"]
+__all__ = ["SplitGeneration", "SplitSide", "cached_generate", "split_generate"]
 
 _DTYPES: dict[str, type[np.generic]] = {
     "tensor(float)": np.float32,
@@ -40,20 +44,25 @@ class Session(Protocol):
 Cache = dict[str, npt.NDArray[Any]]
 
 
-class SplitSide:
-    """One side (``head`` or ``tail``) of a split decoder: its session and cache layout."""
+Role = Literal["head", "tail", "full"]
 
-    def __init__(self, session: Session, role: Literal["head", "tail"]) -> None:
+
+class SplitSide:
+    """One side (``head`` or ``tail``) of a split decoder, or the whole decoder (``full``): its
+    session and cache layout."""
+
+    def __init__(self, session: Session, role: Role) -> None:
         self.session = session
         self.role = role
         inputs = {i.name: i for i in session.get_inputs()}
         self.output_names = [o.name for o in session.get_outputs()]
-        self.first = "input_ids" if role == "head" else "hidden_states"
+        self.first = "hidden_states" if role == "tail" else "input_ids"
+        expected = "whole decoder" if role == "full" else f"split decoder {role}"
         for needed in (self.first, "attention_mask"):
             if needed not in inputs:
                 raise SplitRunError(
                     f"the {role} session has no {needed!r} input (inputs: {', '.join(inputs)}); "
-                    f"is it a split decoder {role}?"
+                    f"is it a {expected}?"
                 )
         self.main_output = "hidden_states" if role == "head" else "logits"
         if self.main_output not in self.output_names:
@@ -149,6 +158,31 @@ def split_generate(
     (default: the first eos id) and generation stops when every row has finished.
     Raises :class:`SplitRunError` for sessions that do not fit or inputs of the wrong shape.
     """
+    ids, mask = _checked_prompt(input_ids, max_new_tokens, attention_mask)
+    sides = [SplitSide(head_session, "head"), SplitSide(tail_session, "tail")]
+    return _greedy(sides, ids, mask, max_new_tokens, eos_token_id, pad_token_id)
+
+
+def cached_generate(
+    session: Session,
+    input_ids: npt.ArrayLike,
+    max_new_tokens: int,
+    *,
+    attention_mask: npt.ArrayLike | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+) -> SplitGeneration:
+    """Greedy decoding through one whole-decoder graph with its KV cache, exactly as
+    :func:`split_generate` decodes through a head and a tail (same arguments and errors;
+    nothing crosses, so ``crossings`` stays empty)."""
+    ids, mask = _checked_prompt(input_ids, max_new_tokens, attention_mask)
+    sides = [SplitSide(session, "full")]
+    return _greedy(sides, ids, mask, max_new_tokens, eos_token_id, pad_token_id)
+
+
+def _checked_prompt(
+    input_ids: npt.ArrayLike, max_new_tokens: int, attention_mask: npt.ArrayLike | None
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or ids.shape[1] == 0 or ids.dtype.kind not in "iu":
         raise SplitRunError(
@@ -166,6 +200,19 @@ def split_generate(
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
     if mask.shape != ids.shape:
         raise SplitRunError(f"attention_mask {mask.shape} does not match input_ids {ids.shape}")
+    return ids, mask
+
+
+def _greedy(
+    sides: list[SplitSide],
+    ids: npt.NDArray[np.int64],
+    mask: npt.NDArray[np.int64],
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int | None,
+) -> SplitGeneration:
+    """The decoding loop: each step runs the sides in order, each with its own cache; what one
+    side returns is what the next takes (recorded as a crossing), the last returns logits."""
     eos = (
         []
         if eos_token_id is None
@@ -174,20 +221,22 @@ def split_generate(
         else list(eos_token_id)
     )
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    head, tail = SplitSide(head_session, "head"), SplitSide(tail_session, "tail")
     batch = ids.shape[0]
-    head_cache, tail_cache = head.empty_cache(batch), tail.empty_cache(batch)
+    caches = [side.empty_cache(batch) for side in sides]
     result = SplitGeneration(tokens=np.zeros((batch, 0), np.int64), sequences=ids)
     finished = np.zeros(batch, dtype=bool)
     step_ids, positions = ids, _positions(mask)
     generated: list[npt.NDArray[np.int64]] = []
     for _ in range(max_new_tokens):
-        hidden, head_cache = head.step(step_ids, mask, positions, head_cache)
-        result.crossings.append(tuple(int(d) for d in hidden.shape))
-        result.crossing_bytes.append(int(hidden.nbytes))
-        logits, tail_cache = tail.step(hidden, mask, positions, tail_cache)
+        out: npt.NDArray[Any] = step_ids
+        for n, side in enumerate(sides):
+            if n > 0:
+                result.crossings.append(tuple(int(d) for d in out.shape))
+                result.crossing_bytes.append(int(out.nbytes))
+            out, caches[n] = side.step(out, mask, positions, caches[n])
+        logits = out
         if logits.ndim != 3 or logits.shape[0] != batch:
-            raise SplitRunError(f"the tail returned logits of shape {logits.shape}")
+            raise SplitRunError(f"the {sides[-1].role} returned logits of shape {logits.shape}")
         token = np.argmax(logits[:, -1, :], axis=-1).astype(np.int64)
         token = np.where(finished, pad, token)
         generated.append(token)
