@@ -127,3 +127,38 @@ async def test_mqtt_through_the_proxy_survives_a_cut(broker: PrivateBroker, flee
             while (payload := await asyncio.wait_for(got.get(), 15)) != b"two":
                 assert payload == b"one"
         assert client.reconnects >= 1
+
+
+async def test_a_shaped_link_takes_the_configured_delay_and_bandwidth_within_ten_percent(
+    echo_server: int,
+) -> None:
+    """What the simulation's figures rest on, measured on loopback: the round trip of a small
+    message is twice the one-way delay, and a large transfer runs at the configured rate.
+    The round trip and the transfer are long (100 ms, 0.5 s) so that this host's scheduling noise
+    (a few ms) stays far inside the 10 % the harness promises; medians of several tries."""
+    delay_ms, mbps = 50.0, 16.0
+    async with LinkProxy("127.0.0.1", echo_server, LinkProfile(delay_ms=delay_ms)) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        rtts = []
+        for _ in range(5):
+            start = asyncio.get_running_loop().time()
+            writer.write(b"ping")
+            await writer.drain()
+            await reader.readexactly(4)
+            rtts.append((asyncio.get_running_loop().time() - start) * 1000.0)
+        writer.close()
+    rtt = sorted(rtts)[len(rtts) // 2]
+    assert 2 * delay_ms <= rtt <= 1.10 * 2 * delay_ms, rtts
+
+    payload = os.urandom(1_000_000)  # 8 Mbit each way: 0.5 s at 16 Mbit/s
+    async with LinkProxy("127.0.0.1", echo_server, LinkProfile(bandwidth_mbps=mbps)) as proxy:
+        rates = []
+        for _ in range(3):
+            start = asyncio.get_running_loop().time()
+            assert await roundtrip(proxy.port, payload) == payload
+            seconds = asyncio.get_running_loop().time() - start
+            # Up and down are separate directions of the link; the echo streams both at once,
+            # so the whole round trip takes one payload's serialisation (plus a last chunk).
+            rates.append(len(payload) * 8 / seconds / 1e6)
+    rate = sorted(rates)[len(rates) // 2]
+    assert 0.90 * mbps <= rate <= 1.0 * mbps * 1.02, rates
