@@ -59,8 +59,10 @@ def test_demo_ends_with_a_summary_and_a_report_losing_no_request_across_kill_and
         for r in json.loads((out / "results.json").read_text())["requests"]
         if r["entry"] == "nuc-1" and kill["t_s"] <= r["t_sent_s"] < restart
     ]
-    # A device's own applications cannot reach a dead agent: they get an explicit timeout.
-    assert all(r["error"] == "timeout" for r in during_kill), during_kill
+    # A device's own applications cannot reach a dead agent: each request ends with an explicit
+    # error (its deadline passing, or the message expiring on the device's broker).
+    assert during_kill
+    assert {r["error"] for r in during_kill} <= {"timeout", "expired"}, during_kill
     assert any(e["phase"] == "canary" for e in report["rollouts"])
     assert report["meta"]["agents"] == 4
     assert report["meta"]["mode"] == "processes"
