@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import socket
 import sys
 from asyncio.subprocess import PIPE
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,26 +23,12 @@ from edgefed.common.topics import Topics
 from edgefed.simulation.linkproxy import LinkProfile, LinkProxy
 
 from .conftest import fast_settings
+from .loop_complaints import loop_complaints
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 CLOSE_BOUND_S = 10.0
 """Liveness bound for closing (the adapter promises about 3 s; this only catches a hang)."""
-
-
-@contextlib.contextmanager
-def loop_complaints() -> Iterator[list[dict[str, Any]]]:
-    """What the running loop reports to its exception handler meanwhile (un-retrieved future
-    exceptions, tasks destroyed while pending), after a garbage collection at the end."""
-    loop = asyncio.get_running_loop()
-    seen: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: seen.append(context))
-    try:
-        yield seen
-        gc.collect()
-    finally:
-        loop.set_exception_handler(previous)
 
 
 def describe(complaints: list[dict[str, Any]]) -> list[str]:

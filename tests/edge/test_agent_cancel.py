@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import shutil
 import sys
 import threading
 from asyncio.subprocess import PIPE
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -35,6 +33,7 @@ from edgefed.edge.agent import Agent
 from edgefed.edge.config import AgentConfig, LocalEndpoint
 from edgefed.simulation.linkproxy import LinkProfile, LinkProxy
 from tests.conftest import fast_settings
+from tests.loop_complaints import loop_complaints
 
 from .controller_stub import ControllerStub, running_controller
 from .random_artifacts import manifest_sha256
@@ -140,21 +139,6 @@ async def cloud(
             LinkProxy(host, int(port)) as http_link,
         ):
             yield Cloud(broker, broker_link, http_link, stub, tiny_artifacts, topics, tmp_path)
-
-
-@contextlib.contextmanager
-def loop_complaints() -> Iterator[list[dict[str, Any]]]:
-    """What the running loop reports to its exception handler meanwhile (un-retrieved future
-    exceptions, tasks destroyed while pending), after a garbage collection at the end."""
-    loop = asyncio.get_running_loop()
-    seen: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: seen.append(context))
-    try:
-        yield seen
-        gc.collect()
-    finally:
-        loop.set_exception_handler(previous)
 
 
 async def until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
