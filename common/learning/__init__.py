@@ -1,0 +1,1 @@
+"""Light pieces of federated learning (pure Python + numpy): local data sets and their errors."""
