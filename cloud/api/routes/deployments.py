@@ -128,21 +128,13 @@ def _events(session: Session, deployment_id: int) -> list[RolloutEvent]:
     )
 
 
-@router.post(
-    "/deployments",
-    status_code=status.HTTP_201_CREATED,
-    responses={**AUTH_ERRORS, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}},
-)
-def create_deployment(
-    body: DeploymentCreate,
-    session: SessionDep,
-    state: StateDep,
-    services: ServicesDep,
-    who: OperatorDep,
-    audit: AuditDep,
-) -> DeploymentDetail:
-    """Deploy ``model`` v``version`` for ``target`` to the agents the selector matches."""
-    audit.resource = f"model:{body.model}/v{body.version}/{body.target}"
+def insert_deployment(
+    session: Session, body: DeploymentCreate, fleet: str, actor: str | None
+) -> tuple[Deployment, RolloutEvent]:
+    """Check ``body`` and add the deployment, its agents and its ``created`` event to
+    ``session`` (flushed, not committed): the API's create and the federation's closed loop
+    share it. Refusals are HTTPExceptions (404 unknown model or artifact, 409 overlap, 422
+    quality or selector) whose ``detail`` says why."""
     # FOR UPDATE (PostgreSQL): deployments of one model are created one at a time, so two
     # requests cannot both pass the overlap check. SQLite serialises writers already.
     model = session.scalars(
@@ -175,7 +167,7 @@ def create_deployment(
     )
     if problem is not None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, problem)
-    agent_ids = resolve_selector(session, body, state.settings.fleet)
+    agent_ids = resolve_selector(session, body, fleet)
     busy = session.execute(
         select(DeploymentAgent.agent_id, Deployment.id)
         .join(Deployment, DeploymentAgent.deployment_id == Deployment.id)
@@ -201,7 +193,7 @@ def create_deployment(
         selector=body.selector.model_dump(exclude_none=True),
         strategy=body.strategy.model_dump(mode="json"),
         status=DeploymentStatus.PENDING,
-        created_by=who.actor,
+        created_by=actor,
         agents=[
             DeploymentAgent(agent_id=a, canary=False, phase=AgentPhase.WAITING) for a in agent_ids
         ],
@@ -211,12 +203,31 @@ def create_deployment(
     event = RolloutEvent(
         deployment_id=deployment.id,
         kind="created",
-        detail={"agents": agent_ids, "strategy": body.strategy.kind, "by": who.actor},
+        detail={"agents": agent_ids, "strategy": body.strategy.kind, "by": actor},
     )
     session.add(event)
     session.flush()
+    return deployment, event
+
+
+@router.post(
+    "/deployments",
+    status_code=status.HTTP_201_CREATED,
+    responses={**AUTH_ERRORS, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}},
+)
+def create_deployment(
+    body: DeploymentCreate,
+    session: SessionDep,
+    state: StateDep,
+    services: ServicesDep,
+    who: OperatorDep,
+    audit: AuditDep,
+) -> DeploymentDetail:
+    """Deploy ``model`` v``version`` for ``target`` to the agents the selector matches."""
+    audit.resource = f"model:{body.model}/v{body.version}/{body.target}"
+    deployment, event = insert_deployment(session, body, state.settings.fleet, who.actor)
     audit.resource = f"deployment:{deployment.id}"
-    answer = deployment_public(deployment, model.name, events=[event])
+    answer = deployment_public(deployment, body.model, events=[event])
     session.commit()
     kick(services.rollouts, "rollout")
     return answer
