@@ -219,8 +219,13 @@ async def running_controller(
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await client.aclose()
+        done, stuck = await asyncio.wait(tasks, timeout=15)
+        for task in done:  # retrieved, as gather(return_exceptions=True) did
+            _ = task.cancelled() or task.exception()
+        if stuck:  # a service ignoring cancellation: say where it is instead of hanging
+            where = "\n".join(f"{t.get_name()}: {t.get_stack(limit=8)}" for t in stuck)
+            raise AssertionError(f"controller tasks did not stop when cancelled:\n{where}")
+        await asyncio.wait_for(client.aclose(), timeout=15)
 
 
 @contextlib.asynccontextmanager
