@@ -8,7 +8,9 @@ What runs, all on one asyncio loop:
 * the job supervisor (compression jobs, each in its own worker process);
 * with ``[controller.split] enabled``, the split placement service (re-plans where each model
   runs per agent from the links agents measure; desired-state changes through the same
-  publisher).
+  publisher);
+* with ``[controller.federation] enabled``, a Flower SuperLink (a supervised child process)
+  and the federation service that runs federated learning runs on it.
 
 The services are built once the API's lifespan has opened the registry (migrations, signing key,
 first admin token), so they share its engine. Without ``broker_url`` a private mosquitto is
@@ -32,6 +34,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -50,6 +53,9 @@ from edgefed.common.broker import PrivateBroker
 from edgefed.common.errors import ConfigError
 from edgefed.common.mqtt import MqttClient
 from edgefed.common.topics import Topics
+
+if TYPE_CHECKING:
+    from edgefed.cloud.federation.service import FederationService
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +126,30 @@ def _bound_url(server: uvicorn.Server, settings: CloudSettings) -> str:
 @contextlib.contextmanager
 def _no_signal_capture() -> Iterator[None]:
     yield
+
+
+async def start_federation(
+    settings: CloudSettings, state: ControllerState, tasks: list[asyncio.Task[None]]
+) -> FederationService:
+    """``[controller.federation] enabled``: the Flower SuperLink (started and watched) and the
+    federation service running its runs; their tasks are appended to ``tasks``."""
+    from edgefed.cloud.federation.runs import FlowerRunner
+    from edgefed.cloud.federation.service import FederationService
+    from edgefed.cloud.federation.superlink import SuperLinkSupervisor
+
+    ctl = settings.controller
+    superlink = SuperLinkSupervisor(ctl.federation, ctl.data_dir)
+    await asyncio.to_thread(superlink.start)
+    tasks.append(asyncio.create_task(superlink.run(), name="flower-superlink"))
+    service = FederationService(
+        state.write_sessions,
+        runner=FlowerRunner(superlink.env),
+        data_dir=ctl.data_dir,
+        superlink=superlink,
+        poll_s=ctl.federation.poll_s,
+    )
+    tasks.append(asyncio.create_task(service.run(), name="federation-runs"))
+    return service
 
 
 @asynccontextmanager
@@ -200,6 +230,9 @@ async def controller(settings: CloudSettings) -> AsyncIterator[Running]:
             ]
             if placements is not None:
                 tasks.append(asyncio.create_task(placements.run(), name="split-placements"))
+            federation = None
+            if ctl.federation.enabled:
+                federation = await start_federation(settings, state, tasks)
             gateway = await Gateway.start(gateway_client, settings)
             services = Services(
                 jobs=supervisor,
@@ -207,6 +240,7 @@ async def controller(settings: CloudSettings) -> AsyncIterator[Running]:
                 fleet=monitor,
                 gateway=gateway,
                 placements=placements,
+                federation=federation,
             )
             app.state.services = services
             log.info("controller for fleet %s serving at %s", settings.fleet, url)

@@ -44,6 +44,11 @@ class RolloutService(Protocol):
         """A deployment was created or asked to abort: look at the deployments now."""
 
 
+class FederationControl(Protocol):
+    def kick(self) -> None:
+        """A federated run was queued or asked to stop: look at the runs now."""
+
+
 class GatewayService(Protocol):
     async def infer(self, request: InferenceRequest, *, timeout: float | None) -> Routed:
         """Route one request to the best target (agents, worker pools) and await its reply."""
@@ -72,3 +77,4 @@ class Services:
     fleet: FleetView | None = None
     gateway: GatewayService | None = None
     placements: PlacementView | None = None
+    federation: FederationControl | None = None

@@ -86,6 +86,58 @@ class SplitSettings(BaseModel):
         return self
 
 
+class FederationSettings(BaseModel):
+    """Federated learning with Flower (``[controller.federation]``): the controller runs a
+    Flower SuperLink beside itself and starts runs on it; agents with training enabled run a
+    SuperNode that connects to it.
+
+    Flower 1.41 serves its Fleet, Control and Runtime APIs on one HTTP port (``port``).
+    Without ``tls_cert`` the SuperLink runs ``--insecure`` (loopback and tests only: refused off
+    loopback outside ``dev_mode``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    """Off by default: no SuperLink, no runs."""
+    host: str = "127.0.0.1"
+    """Address the SuperLink listens on (agents on other machines need one they can reach)."""
+    port: int = Field(default=9091, ge=0, le=65535)
+    """The SuperLink's one port (Fleet, Control and Runtime APIs); 0: a free one at start."""
+    tls_cert: Path | None = None
+    """PEM certificate the SuperLink serves with (its SANs must name ``host``)."""
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    """PEM CA that signed ``tls_cert``; SuperNodes and ``flwr`` verify the SuperLink with it."""
+    supernode_auth: bool = False
+    """Only registered SuperNodes may connect (needs TLS): each agent's EC public key (OpenSSH
+    format, NIST curve) listed in ``supernode_public_keys`` is registered at start."""
+    supernode_public_keys: list[Path] = Field(default_factory=list)
+    start_timeout_s: float = Field(default=60.0, gt=0)
+    """How long the SuperLink may take to accept connections."""
+    restart_backoff_max_s: float = Field(default=60.0, gt=0)
+    """Longest wait before restarting a SuperLink that died (doubling from 1 s)."""
+    poll_s: float = Field(default=2.0, gt=0)
+    """How often running federated runs are looked at (progress, outcome)."""
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> FederationSettings:
+        tls = (self.tls_cert, self.tls_key, self.tls_ca)
+        if any(v is not None for v in tls) and not all(v is not None for v in tls):
+            raise ValueError(
+                "federation TLS needs tls_cert, tls_key and tls_ca together (or none of them)"
+            )
+        if self.supernode_auth and self.tls_cert is None:
+            raise ValueError(
+                "federation.supernode_auth needs TLS: set tls_cert, tls_key and tls_ca "
+                "(Flower refuses SuperNode authentication without it)"
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
 class ControllerSettings(BaseModel):
     """Where the controller keeps its state and how it serves."""
 
@@ -125,6 +177,8 @@ class ControllerSettings(BaseModel):
     """Deadline of a gateway request that names none."""
     split: SplitSettings = Field(default_factory=SplitSettings)
     """Split placement of models per agent from measured links (off by default)."""
+    federation: FederationSettings = Field(default_factory=FederationSettings)
+    """Federated learning: the Flower SuperLink beside the controller, and its runs."""
     dev_mode: bool = False
     """Allow plain HTTP off loopback and similar conveniences for development."""
 
@@ -154,6 +208,12 @@ class ControllerSettings(BaseModel):
         if url.startswith("http://") and not url.startswith(loopback):
             raise ValueError(
                 "public_url must use https:// off loopback (set dev_mode = true to allow http)"
+            )
+        fed = self.federation
+        if fed.enabled and not fed.tls and fed.host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(
+                "federation without TLS only on loopback: set federation.tls_cert, tls_key and "
+                "tls_ca (or dev_mode = true)"
             )
         if self.database_url is not None and ":memory:" in self.database_url:
             raise ValueError("an in-memory database loses everything on restart (dev_mode only)")

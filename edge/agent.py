@@ -405,6 +405,8 @@ class Agent:
 
             try:
                 async with asyncio.TaskGroup() as tasks:
+                    if cfg.training.enabled:
+                        tasks.create_task(self._supernode(), name="flower-supernode")
                     tasks.create_task(self._cloud_setup(cache), name="cloud-setup")
                     tasks.create_task(self._reconcile_loop(reconciler), name="reconcile")
                     tasks.create_task(self._heartbeats(), name="heartbeats")
@@ -418,6 +420,13 @@ class Agent:
                     raise _Stop
             except* _Stop:
                 log.info("agent %s stopped", cfg.agent_id)
+
+    async def _supernode(self) -> None:
+        """Federated fine-tuning: a supervised Flower SuperNode (imported only when enabled,
+        from the optional training module; Flower itself runs in that process)."""
+        from edgefed.edge.training.supernode import SuperNodeSupervisor
+
+        await SuperNodeSupervisor(self.config.training, self.config.state_dir).run()
 
     async def _say_goodbye(self) -> None:
         """Retained ``offline`` on a graceful stop, waiting at most 2 s for the broker. Without

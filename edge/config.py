@@ -129,6 +129,55 @@ class LinkConfig(BaseModel):
     """Weight of each new sample in the smoothed RTT and bandwidth."""
 
 
+class TrainingConfig(BaseModel):
+    """Federated fine-tuning on this device (``edgefed[edge-train]``): the agent runs a Flower
+    SuperNode that connects to the controller's SuperLink and trains on ``data_dir``.
+
+    Flower 1.41 verifies the SuperLink with ``root_certificates`` (TLS, the default) and, when
+    the SuperLink requires SuperNode authentication, proves this node with
+    ``auth_private_key`` (an EC key on a NIST curve, OpenSSH private-key format; its public half,
+    must be registered at the controller)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    data_dir: Path | None = None
+    """Local data set the ClientApp trains on (JSONL); never leaves the device."""
+    superlink: str = "127.0.0.1:9091"
+    """The SuperLink's Fleet API as ``host:port``."""
+    root_certificates: Path | None = None
+    """PEM CA bundle that verifies the SuperLink (TLS)."""
+    insecure: bool = False
+    """Plain HTTP to the SuperLink (loopback and tests only)."""
+    auth_private_key: Path | None = None
+    auth_public_key: Path | None = None
+    """Not passed to Flower 1.41 (it derives the public key); kept to show what to register."""
+    max_restart_backoff_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("superlink")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"superlink {v!r} must be HOST:PORT, e.g. controller.local:9091")
+        return v
+
+    @model_validator(mode="after")
+    def _usable(self) -> TrainingConfig:
+        if not self.enabled:
+            return self
+        if self.data_dir is None:
+            raise ValueError("training is enabled but names no data_dir")
+        if self.insecure and self.root_certificates is not None:
+            raise ValueError("training: insecure and root_certificates exclude each other")
+        if not self.insecure and self.root_certificates is None:
+            raise ValueError(
+                "training: set root_certificates (the CA of the SuperLink's certificate) or, "
+                "on loopback only, insecure = true"
+            )
+        return self
+
+
 class AgentConfig(BaseModel):
     """Everything the agent needs to run; secrets never leave the state directory."""
 
@@ -164,6 +213,8 @@ class AgentConfig(BaseModel):
     offload: OffloadConfig = Field(default_factory=OffloadConfig)
     """Offloading local applications' requests to the cloud or to split execution."""
     link: LinkConfig = Field(default_factory=LinkConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    """Federated fine-tuning with a Flower SuperNode (off by default)."""
     emulated_speed_factor: float = Field(default=1.0, gt=0, le=1000)
     """Simulation only: after each batch really runs, wait ``(factor - 1) x`` its measured run
     time, so this host answers like a device that many times slower (at or below 1: host

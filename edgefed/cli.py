@@ -21,6 +21,8 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from edgefed import __version__
+from edgefed.cloud.federation.cli import fl_app
+from edgefed.cloud.federation.cli import use_settings as use_fl_settings
 from edgefed.common.errors import ArtifactRejected, ConfigError, EdgefedError
 from edgefed.common.settings import Settings, load_settings
 
@@ -42,6 +44,7 @@ cloud_app = typer.Typer(help="The cloud controller: control API, registry, rollo
 app.add_typer(cloud_app, name="cloud", no_args_is_help=True)
 split_app = typer.Typer(help="Split a model's layers between edge and cloud.")
 app.add_typer(split_app, name="split", no_args_is_help=True)
+app.add_typer(fl_app, name="fl", no_args_is_help=True)
 
 
 def _default_state_dir() -> Path:
@@ -142,6 +145,9 @@ def _cloud_settings(**overrides: Any) -> CloudSettings:
     base = _settings()  # logging, and the common settings' errors first
     del base
     return load_settings(_state.config, settings_cls=CloudSettings, **overrides)
+
+
+use_fl_settings(_cloud_settings)
 
 
 @app.command()

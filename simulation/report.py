@@ -64,6 +64,9 @@ def report_figures(results: RunResults, summary: Summary) -> dict[str, Any]:
         "rollouts": [e.model_dump(mode="json") for e in results.rollouts],
         "splits": [p.model_dump(mode="json") for p in results.splits],
         "federation": [r.model_dump(mode="json") for r in results.federation],
+        "federation_info": (
+            results.federation_info.model_dump(mode="json") if results.federation_info else None
+        ),
     }
 
 

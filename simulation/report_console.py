@@ -84,7 +84,41 @@ def summary_renderable(results: RunResults, summary: Summary) -> Group:
     )
     for note in meta.notes:
         head.add_row("note", Text(note, style="yellow"))
-    return Group(head, _groups("target", summary.by_target), _groups("policy", summary.by_policy))
+    parts: list[Table] = [
+        head,
+        _groups("target", summary.by_target),
+        _groups("policy", summary.by_policy),
+    ]
+    if results.federation or results.federation_info is not None:
+        parts.append(_federation(results))
+    return Group(*parts)
+
+
+def _federation(results: RunResults) -> Table:
+    info = results.federation_info
+    title = "Federated rounds"
+    if info is not None:
+        title += (
+            f" ({info.strategy}, {info.clients} clients, alpha {info.alpha:g}, "
+            f"{info.engine}: {info.status})"
+        )
+    table = Table(title=title, title_justify="left")
+    for col in ("round", "accepted", "rejected", "accuracy", "eval loss", "seconds"):
+        table.add_column(col, justify="right")
+    if info is not None and info.initial_accuracy is not None:
+        table.add_row("0", "–", "–", f"{100 * info.initial_accuracy:.1f} %", "–", "–")
+    for r in results.federation:
+        table.add_row(
+            str(r.round),
+            str(r.accepted),
+            Text(str(len(r.rejected)), style="yellow" if r.rejected else ""),
+            "–" if r.accuracy is None else f"{100 * r.accuracy:.1f} %",
+            "–" if r.loss is None else f"{r.loss:.3f}",
+            "–" if r.seconds is None else f"{r.seconds:.1f}",
+        )
+    if info is not None and info.error:
+        table.caption = f"error: {info.error}"
+    return table
 
 
 def _codes(codes: dict[str, int]) -> str:

@@ -100,6 +100,53 @@ def _plot(name: str, svg: str | None) -> str:
     return f'<section id="plot-{name}"><h2>{title}</h2><figure>{body}</figure></section>'
 
 
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def _federation_section(results: RunResults, svg: str | None) -> str:
+    info = results.federation_info
+    facts = ""
+    if info is not None:
+        facts = (
+            f'<p class="meta">{escape(info.engine)} · strategy {escape(info.strategy)} · '
+            f"{info.clients} clients (Dirichlet alpha {info.alpha:g}) · "
+            f"{info.byzantine} byzantine · status {escape(info.status)} · accuracy before "
+            f"round 1 {_pct(info.initial_accuracy)}"
+            + (f" · error: {escape(info.error)}" if info.error else "")
+            + "</p>"
+        )
+    table = _table(
+        [
+            "round",
+            "at s",
+            "accepted",
+            "rejected",
+            "accuracy",
+            "eval loss",
+            "train loss",
+            "seconds",
+            "rejections",
+        ],
+        (
+            (
+                r.round,
+                f"{r.t_s:.2f}",
+                r.accepted,
+                len(r.rejected),
+                _pct(r.accuracy),
+                "–" if r.loss is None else f"{r.loss:.3f}",
+                "–" if r.train_loss is None else f"{r.train_loss:.3f}",
+                "–" if r.seconds is None else f"{r.seconds:.1f}",
+                "; ".join(r.rejected),
+            )
+            for r in results.federation
+        ),
+        "federation",
+    )
+    return _plot("federation", svg).replace("</h2>", "</h2>" + facts, 1) + table
+
+
 def render_html(results: RunResults, summary: Summary, plots: dict[str, str | None]) -> str:
     """The whole page."""
     meta, totals, overall = results.meta, summary.totals, summary.overall
@@ -226,7 +273,7 @@ def render_html(results: RunResults, summary: Summary, plots: dict[str, str | No
             "splits",
         ),
     ]
-    if results.federation:
-        parts.append(_plot("federation", plots.get("federation")))
+    if results.federation or results.federation_info is not None:
+        parts.append(_federation_section(results, plots.get("federation")))
     parts.append("</body></html>")
     return "\n".join(p for p in parts if p)

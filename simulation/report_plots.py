@@ -234,16 +234,45 @@ def _rollouts(results: RunResults) -> str | None:
 
 
 def _federation(results: RunResults) -> str | None:
-    rounds = [r for r in results.federation if r.accuracy is not None or r.loss is not None]
+    """Held-out accuracy per round (round 0: the starting model) over bars of accepted and
+    rejected updates."""
+    rounds = results.federation
     if not rounds:
         return None
     fig, ax = _figure()
+    info = results.federation_info
     xs = [r.round for r in rounds]
-    for label, marker in (("accuracy", "o"), ("loss", "s")):
-        values = [getattr(r, label) for r in rounds]
-        if any(v is not None for v in values):
-            ax.plot(xs, [math.nan if v is None else v for v in values], marker=marker, label=label)
+    accuracy = [math.nan if r.accuracy is None else r.accuracy for r in rounds]
+    if info is not None and info.initial_accuracy is not None:
+        xs, accuracy = [0, *xs], [info.initial_accuracy, *accuracy]
+    bars = ax.twinx()
+    width = 0.35
+    bars.bar(
+        [r.round - width / 2 for r in rounds],
+        [r.accepted for r in rounds],
+        width,
+        color="#1b7f3b",
+        alpha=0.35,
+        label="accepted updates",
+    )
+    bars.bar(
+        [r.round + width / 2 for r in rounds],
+        [len(r.rejected) for r in rounds],
+        width,
+        color="#b3261e",
+        alpha=0.35,
+        label="rejected updates",
+    )
+    bars.set_ylabel("updates")
+    ax.plot(xs, accuracy, marker="o", color="#1f4e9c", label="held-out accuracy", zorder=3)
+    ax.set_zorder(bars.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    ax.set_ylim(0, 1)
     ax.set_xlabel("round")
-    ax.legend(loc="best", fontsize="small")
+    ax.set_ylabel("accuracy")
+    ax.set_xticks(xs)
+    handles = ax.get_legend_handles_labels()
+    more = bars.get_legend_handles_labels()
+    ax.legend(handles[0] + more[0], handles[1] + more[1], loc="best", fontsize="small")
     ax.grid(True, alpha=0.3)
     return _svg(fig, "federation")

@@ -21,6 +21,7 @@ from edgefed.common.schemas import Priority
 
 __all__ = [
     "FaultRecord",
+    "FederationInfo",
     "FederationRound",
     "Placement",
     "RequestOutcome",
@@ -139,13 +140,44 @@ class FaultRecord(_Record):
 
 
 class FederationRound(_Record):
-    """One federated round (once the federation issue lands)."""
+    """One federated round: how many updates were aggregated, which were rejected (and why),
+    and the held-out accuracy of the aggregate."""
 
     round: int = Field(ge=1)
     t_s: float
+    """When the harness saw the round finish."""
     clients: int = Field(ge=0)
+    """Clients whose update the round expected (accepted + rejected)."""
     accuracy: float | None = None
+    """Held-out accuracy of the aggregated model (server-side evaluation)."""
     loss: float | None = None
+    """Held-out loss of the aggregated model."""
+    accepted: int = Field(default=0, ge=0)
+    rejected: list[str] = Field(default_factory=list)
+    """``node N: reason`` for every update dropped by validation (or never received)."""
+    train_loss: float | None = None
+    seconds: float | None = None
+    """The round's own duration, as the ServerApp measured it."""
+
+
+class FederationInfo(_Record):
+    """The federated phase as a whole."""
+
+    engine: str
+    """``simulation-engine`` (Flower's) or ``in-process``."""
+    strategy: str
+    clients: int
+    alpha: float
+    byzantine: int = 0
+    """Clients whose updates were replaced by an attack (sign flip x10)."""
+    status: str
+    """``succeeded``, ``failed``, ``running`` (cut off by the end of the run) or
+    ``not-started``."""
+    error: str | None = None
+    initial_accuracy: float | None = None
+    """Held-out accuracy of the model before round 1."""
+    started_s: float | None = None
+    wall_s: float | None = None
 
 
 class RunMeta(_Record):
@@ -188,6 +220,7 @@ class RunResults(_Record):
     splits: list[SplitPlanRecord] = Field(default_factory=list)
     faults: list[FaultRecord] = Field(default_factory=list)
     federation: list[FederationRound] = Field(default_factory=list)
+    federation_info: FederationInfo | None = None
 
     def save(self, path: str | Path) -> Path:
         """Write the results as JSON (``results.json`` beside the report)."""

@@ -24,6 +24,8 @@ import asyncio
 import contextlib
 import platform
 import secrets
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +41,15 @@ from edgefed.common.devices import load_profile
 from edgefed.common.errors import EdgefedError, RemoteError, RequestTimeout
 from edgefed.common.mqtt import Message, MqttClient
 from edgefed.common.schemas import AgentState, Heartbeat, InferenceRequest, decode
+from edgefed.simulation.federation_data import FederationData, prepare_federation_data
 from edgefed.simulation.fleet import Fleet
 from edgefed.simulation.mapping import fleet_spec
 from edgefed.simulation.prepare import PreparedModel, prepare_models
 from edgefed.simulation.report import ReportFiles, write_report
 from edgefed.simulation.results import (
     FaultRecord,
+    FederationInfo,
+    FederationRound,
     Placement,
     RequestOutcome,
     RolloutEvent,
@@ -72,6 +77,8 @@ NO_DEADLINE_TIMEOUT_S = 30.0
 """How long a request without a deadline is waited for before it counts as ``timeout``."""
 
 _SAMPLE_S = 1.0
+FEDERATION_GRACE_S = 300.0
+"""How long the federated phase may run past the timeline before it is stopped."""
 _TERMINAL = {"completed", "aborted", "rolled_back"}
 
 
@@ -107,6 +114,8 @@ def override(
         for rollout in data["rollouts"]:
             rollout["at_s"] *= f
             rollout["soak_s"] *= f
+        if data.get("federation") is not None:
+            data["federation"]["start_at_s"] *= f
         for burst in data["workload"]["bursts"]:
             burst["at_s"] *= f
             burst["duration_s"] *= f
@@ -132,6 +141,8 @@ class _Run:
     splits: list[SplitPlanRecord] = field(default_factory=list)
     faults: list[FaultRecord] = field(default_factory=list)
     heartbeats: dict[str, Heartbeat] = field(default_factory=dict)
+    federation: list[FederationRound] = field(default_factory=list)
+    federation_info: FederationInfo | None = None
     done: int = 0
 
     def now(self) -> float:
@@ -550,6 +561,91 @@ async def _split_plans(run: _Run) -> None:
         await asyncio.sleep(2.0)
 
 
+# --------------------------------------------------------------------------- federation
+
+
+async def _federation(run: _Run, data: FederationData | None, work: Path) -> None:
+    """The federated phase: from ``start_at_s``, rounds in a worker thread (the simulation
+    engine's processes, or the in-process grid) while the workload goes on; every finished
+    round is recorded as it lands."""
+    from edgefed.simulation.federation_sim import (
+        RoundFigures,
+        federation_run_config,
+        run_engine,
+        run_in_process,
+    )
+
+    fed = run.scenario.federation
+    if fed is None or data is None:
+        return
+    await run.sleep_until(fed.start_at_s)
+    agents = len(run.scenario.agent_ids())
+    n, per_round, f = fed.num_clients(agents), fed.per_round(agents), fed.num_byzantine(agents)
+    config = federation_run_config(
+        data,
+        work / "federation",
+        strategy=fed.strategy,
+        rounds=fed.rounds,
+        fraction_train=per_round / n,
+        min_train_nodes=per_round,
+        min_valid_updates=max(1, per_round // 2),
+        local_steps=fed.local_steps,
+        lr=fed.lr,
+        proximal_mu=fed.proximal_mu,
+        seed=run.scenario.seed,
+        krum_byzantine=f if fed.strategy in ("krum", "multikrum", "bulyan") else 0,
+    )
+    engine = "simulation-engine" if fed.engine == "simulation" else "in-process"
+    started = run.now()
+    info = {"engine": engine, "strategy": fed.strategy, "clients": n, "alpha": fed.alpha}
+    run.federation_info = FederationInfo(**info, byzantine=f, status="running", started_s=started)
+
+    def on_round(r: RoundFigures) -> None:
+        run.federation.append(
+            FederationRound(
+                round=r.round,
+                t_s=run.now(),
+                clients=r.accepted + len(r.rejected),
+                accuracy=r.eval_accuracy,
+                loss=r.eval_loss,
+                accepted=r.accepted,
+                rejected=[f"node {x.get('node_id')}: {x.get('reason')}" for x in r.rejected],
+                train_loss=r.train_loss,
+                seconds=r.seconds,
+            )
+        )
+
+    stop = threading.Event()
+    try:
+        if fed.engine == "simulation":
+            outcome = await asyncio.to_thread(
+                run_engine, config, num_supernodes=n, actors=1, on_round=on_round, stop=stop
+            )
+        else:
+            outcome = await asyncio.to_thread(
+                run_in_process, config, num_clients=n, byzantine=range(f), on_round=on_round
+            )
+        status, error, initial = outcome.status, outcome.error, outcome.initial_accuracy
+    except asyncio.CancelledError:
+        stop.set()
+        status, error, initial = "running", "stopped at the end of the run", None
+        raise
+    except EdgefedError as exc:
+        status, error, initial = "failed", exc.message, None
+    except Exception as exc:  # noqa: BLE001 - a failed phase is a finding; the run goes on
+        status, error, initial = "failed", f"{type(exc).__name__}: {exc}", None
+    finally:
+        run.federation_info = FederationInfo(
+            **info,
+            byzantine=f,
+            status=status,
+            error=error,
+            initial_accuracy=initial,
+            started_s=started,
+            wall_s=run.now() - started,
+        )
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -571,6 +667,8 @@ async def _timeline(
     http: httpx.AsyncClient,
     memory: _PeakMemory,
     console: Console,
+    federation: FederationData | None = None,
+    work: Path | None = None,
 ) -> None:
     duration = run.scenario.duration_s
     background = [
@@ -583,6 +681,10 @@ async def _timeline(
         asyncio.create_task(_faults(run), name="faults"),
         asyncio.create_task(_rollouts(run, prepared), name="rollouts"),
     ]
+    fed_task: asyncio.Task[None] | None = None
+    if federation is not None and work is not None:
+        fed_task = asyncio.create_task(_federation(run, federation, work), name="federation")
+        main.append(fed_task)
     try:
         with _progress(console) as bar:
             task = bar.add_task("run", total=duration, info="")
@@ -599,7 +701,11 @@ async def _timeline(
             bar.update(drain, completed=run.done, info=f"{run.done}/{len(schedule)} ended")
         # Rollouts and faults still running past the timeline are given a little time, then the
         # report says where they stood.
-        await asyncio.wait(main[1:], timeout=max(5.0, 0.2 * duration))
+        rest = [t for t in main[1:] if t is not fed_task]
+        await asyncio.wait(rest, timeout=max(5.0, 0.2 * duration))
+        if fed_task is not None and not fed_task.done():
+            with console.status("waiting for the federated rounds to finish..."):
+                await asyncio.wait([fed_task], timeout=FEDERATION_GRACE_S)
         for t in main:
             if t.done() and not t.cancelled() and t.exception() is not None:
                 raise t.exception()  # type: ignore[misc]
@@ -623,6 +729,24 @@ async def run_scenario(scenario: Scenario, options: RunOptions) -> ReportFiles:
             cache_dir=options.cache_dir,
             force_tiny=options.force_tiny,
             progress=lambda m: status.update(f"preparing models: {m}"),
+        )
+    federation: FederationData | None = None
+    if scenario.federation is not None:
+        fed = scenario.federation
+        with console.status("preparing the federated data set...") as status:
+            federation = await asyncio.to_thread(
+                prepare_federation_data,
+                clients=fed.num_clients(len(scenario.agent_ids())),
+                alpha=fed.alpha,
+                seed=scenario.seed,
+                cache_dir=options.cache_dir,
+                progress=lambda m: status.update(f"federated data: {m}"),
+            )
+        notes.extend(f"federation: {n}" for n in federation.notes)
+        console.print(
+            f"• federation: {federation.num_clients} clients over {len(federation.labels)} "
+            f"chatterbot-corpus categories (alpha {fed.alpha:g})"
+            + (" (cached)" if federation.cached else "")
         )
     for p in prepared.values():
         notes.extend(p.notes)
@@ -657,7 +781,17 @@ async def run_scenario(scenario: Scenario, options: RunOptions) -> ReportFiles:
                     headers={"Authorization": f"Bearer {fleet.admin_token}"},
                 ) as http:
                     run.t0 = time.monotonic()
-                    await _timeline(run, prepared, schedule, http, memory, console)
+                    with tempfile.TemporaryDirectory(prefix="edgefed-fl-") as fl_work:
+                        await _timeline(
+                            run,
+                            prepared,
+                            schedule,
+                            http,
+                            memory,
+                            console,
+                            federation,
+                            Path(fl_work),
+                        )
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(beats.aclose(), 5.0)
@@ -688,6 +822,8 @@ async def run_scenario(scenario: Scenario, options: RunOptions) -> ReportFiles:
         rollouts=run.rollouts if run else [],
         splits=run.splits if run else [],
         faults=sorted(run.faults, key=lambda f: f.t_s) if run else [],
+        federation=run.federation if run else [],
+        federation_info=run.federation_info if run else None,
     )
     files = write_report(results, options.out_dir, console=console)
     console.print(f"report: [bold]{files.html}[/bold] (figures in {files.json})")

@@ -340,15 +340,60 @@ class RolloutSpec(_Strict):
     """Only agents carrying all these labels."""
 
 
-class FederationSpec(_Strict):
-    """Federated rounds during the run. Accepted and validated now; the harness runs them once
-    the federation issue lands (it reports them as not run until then)."""
+FederationStrategy = Literal[
+    "fedavg", "fedprox", "fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan", "fltrust"
+]
 
-    rounds: int = Field(ge=1, le=10_000)
+
+class FederationSpec(_Strict):
+    """Federated fine-tuning during the run. Virtual clients (Flower's simulation engine, the
+    ClientApp the agents run) each hold a Dirichlet(``alpha``) share of chatterbot-corpus
+    questions and fine-tune a tiny BERT category classifier; the controller's ServerApp
+    aggregates with ``strategy`` and evaluates on held-out questions after every round. The
+    report gets accuracy and accepted/rejected updates per round."""
+
+    rounds: int = Field(ge=1, le=1000)
     start_at_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    """When the phase starts (the workload keeps going meanwhile)."""
+    clients: int | None = Field(default=None, ge=1, le=10_000)
+    """Virtual clients (``None``: one per agent of the fleet)."""
     clients_per_round: int | None = Field(default=None, ge=1)
-    strategy: Literal["fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum"] = "fedavg"
+    """Clients sampled per round (``None``: all)."""
+    strategy: FederationStrategy = "fedavg"
+    alpha: float = Field(default=0.5, gt=0, le=1000, allow_inf_nan=False)
+    """Dirichlet concentration of the label split: small is skewed (non-IID), large is IID."""
+    byzantine: float = Field(default=0.0, ge=0, lt=0.5, allow_inf_nan=False)
+    """Share of clients whose updates are replaced by their sign-flipped update x10 (an
+    attack injected around the replies; needs ``engine: in-process``)."""
     local_steps: int = Field(default=10, ge=1, le=100_000)
+    lr: float = Field(default=1e-2, gt=0, le=1, allow_inf_nan=False)
+    proximal_mu: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
+    """FedProx's proximal term (``None``: 0.1 for fedprox, off otherwise)."""
+    engine: Literal["simulation", "in-process"] = "simulation"
+    """``simulation``: Flower's simulation engine (SuperLink, Ray actors); ``in-process``: the
+    same ServerApp and ClientApp over an in-process grid (no Ray; allows ``byzantine``)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederationSpec:
+        if self.byzantine > 0 and self.engine != "in-process":
+            raise ValueError(
+                "byzantine clients are injected around the replies, which only the in-process "
+                "engine can do: set engine: in-process"
+            )
+        if self.strategy == "fedprox" and self.proximal_mu == 0:
+            raise ValueError("fedprox needs proximal_mu > 0 (with 0 it is fedavg)")
+        if self.proximal_mu and self.strategy != "fedprox":
+            raise ValueError(f"proximal_mu is only used by fedprox (strategy is {self.strategy})")
+        return self
+
+    def num_clients(self, agents: int) -> int:
+        return self.clients if self.clients is not None else agents
+
+    def per_round(self, agents: int) -> int:
+        return self.clients_per_round or self.num_clients(agents)
+
+    def num_byzantine(self, agents: int) -> int:
+        return round(self.byzantine * self.num_clients(agents))
 
 
 # --------------------------------------------------------------------------- the scenario
@@ -426,6 +471,36 @@ class Scenario(_Strict):
                     Problem(("workload", "bursts", i, "at_s"), "starts after the end of the run")
                 )
         problems += self._rollout_problems(set(ids))
+        problems += self._federation_problems(len(ids))
+        return problems
+
+    def _federation_problems(self, agents: int) -> list[Problem]:
+        fed = self.federation
+        if fed is None:
+            return []
+        problems: list[Problem] = []
+        n, per_round, f = fed.num_clients(agents), fed.per_round(agents), fed.num_byzantine(agents)
+        if fed.start_at_s >= self.duration_s:
+            problems.append(
+                Problem(("federation", "start_at_s"), "starts after the end of the run")
+            )
+        if per_round > n:
+            problems.append(
+                Problem(
+                    ("federation", "clients_per_round"),
+                    f"{per_round} clients per round, but there are only {n} clients",
+                )
+            )
+        need = {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}.get(fed.strategy)
+        if need is not None and per_round < need:
+            rule = "2f + 3" if fed.strategy != "bulyan" else "4f + 3"
+            problems.append(
+                Problem(
+                    ("federation", "strategy"),
+                    f"{fed.strategy} with {f} byzantine client(s) needs at least {need} "
+                    f"clients per round (n >= {rule}), got {per_round}",
+                )
+            )
         return problems
 
     def _model_reference(self, loc: tuple[str | int, ...], name: str | None) -> list[Problem]:
@@ -474,13 +549,9 @@ class Scenario(_Strict):
     # ------------------------------------------------------------------ what the harness reads
 
     def not_run_notes(self) -> list[str]:
-        """Parts of the scenario that are accepted but not run yet (for ``RunMeta.notes``)."""
-        if self.federation is None:
-            return []
-        return [
-            f"federation: {self.federation.rounds} round(s) validated but not run "
-            "(needs the federation issue)"
-        ]
+        """Parts of the scenario that are accepted but not run (for ``RunMeta.notes``); none
+        at present."""
+        return []
 
     def agent_ids(self) -> list[str]:
         return [a for g in self.fleet for a in g.agent_ids()]

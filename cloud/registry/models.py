@@ -49,6 +49,14 @@ class DeploymentStatus(enum.StrEnum):
     ROLLED_BACK = "rolled_back"
 
 
+class FederationRunStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
 class AgentPhase(enum.StrEnum):
     """Where one agent stands in a deployment."""
 
@@ -260,3 +268,36 @@ class AuditRecord(Base):
     outcome: Mapped[int] = mapped_column(Integer)
     """HTTP status of the call."""
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class FederationRun(Base):
+    """A federated fine-tuning run on the controller's Flower SuperLink (see
+    :mod:`edgefed.cloud.federation.service`)."""
+
+    __tablename__ = "federation_runs"
+    __table_args__ = (Index("ix_federation_runs_status", "status"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(64))
+    """Name of the registered model the run improves."""
+    flwr_run_id: Mapped[str | None] = mapped_column(String(32))
+    """Flower's run id (an unsigned 64-bit number, kept as text)."""
+    status: Mapped[FederationRunStatus] = mapped_column(
+        _enum(FederationRunStatus, "federation_run_status")
+    )
+    spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """The request as accepted, plus the model directory and the run's out-dir."""
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """The ServerApp's ``progress.json`` as last read (rounds, accepted/rejected updates)."""
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    loop: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """State of the closed loop after success (compression, rollout)."""
+    error: Mapped[str | None] = mapped_column(Text)
+    stop_requested: Mapped[bool] = mapped_column(default=False)
+    created_by: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )

@@ -280,12 +280,11 @@ def test_slow_agent_bounds(tmp_path: Path) -> None:
     assert ok.faults[4].factor == 3
 
 
-def test_federation_is_accepted_validated_and_noted_as_not_run(tmp_path: Path) -> None:
+def test_federation_is_accepted_and_validated(tmp_path: Path) -> None:
     s = load_scenario(write(tmp_path, MINIMAL + "federation: {rounds: 3, strategy: fedprox}\n"))
     assert s.federation is not None
     assert s.federation.rounds == 3
-    assert "not run" in s.not_run_notes()[0]
-    assert load_scenario(write(tmp_path, MINIMAL, "plain.yaml")).not_run_notes() == []
+    assert s.not_run_notes() == []
     text = MINIMAL + "federation: {rounds: 0}\n"
     [problem] = error_of(tmp_path, text).problems
     assert problem.field == "federation.rounds"

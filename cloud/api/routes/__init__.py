@@ -9,6 +9,7 @@ from edgefed.cloud.api.routes import (
     artifacts,
     audit,
     deployments,
+    federation,
     health,
     infer,
     jobs,
@@ -30,6 +31,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     audit.router,
     infer.router,
     split.router,
+    federation.router,
 )
 
 __all__ = ["ROUTERS"]
