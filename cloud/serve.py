@@ -46,7 +46,7 @@ from edgefed.cloud.fleet.monitor import FleetMonitor
 from edgefed.cloud.gateway import Gateway
 from edgefed.cloud.jobs.supervisor import JobSupervisor
 from edgefed.cloud.rollout.engine import RolloutEngine
-from edgefed.cloud.services import Services
+from edgefed.cloud.services import Kickable, Services
 from edgefed.cloud.settings import CloudSettings
 from edgefed.cloud.split.placements import PlacementService
 from edgefed.common.broker import PrivateBroker
@@ -129,24 +129,43 @@ def _no_signal_capture() -> Iterator[None]:
 
 
 async def start_federation(
-    settings: CloudSettings, state: ControllerState, tasks: list[asyncio.Task[None]]
+    settings: CloudSettings,
+    state: ControllerState,
+    tasks: list[asyncio.Task[None]],
+    *,
+    jobs: Kickable | None = None,
+    rollouts: Kickable | None = None,
 ) -> FederationService:
     """``[controller.federation] enabled``: the Flower SuperLink (started and watched) and the
     federation service running its runs; their tasks are appended to ``tasks``."""
+    from edgefed.cloud.federation.closed_loop import LoopSettings
     from edgefed.cloud.federation.runs import FlowerRunner
-    from edgefed.cloud.federation.service import FederationService
+    from edgefed.cloud.federation.service import FederationService, Promotion
     from edgefed.cloud.federation.superlink import SuperLinkSupervisor
 
     ctl = settings.controller
     superlink = SuperLinkSupervisor(ctl.federation, ctl.data_dir)
     await asyncio.to_thread(superlink.start)
     tasks.append(asyncio.create_task(superlink.run(), name="flower-superlink"))
+    fed = ctl.federation
     service = FederationService(
         state.write_sessions,
         runner=FlowerRunner(superlink.env),
         data_dir=ctl.data_dir,
         superlink=superlink,
-        poll_s=ctl.federation.poll_s,
+        poll_s=fed.poll_s,
+        promotion=Promotion(
+            LoopSettings(
+                max_accuracy_drop=fed.max_accuracy_drop,
+                canary_count=fed.canary_count,
+                soak_s=fed.canary_soak_s,
+            ),
+            settings.fleet,
+            jobs=jobs,
+            rollouts=rollouts,
+        )
+        if fed.promote
+        else None,
     )
     tasks.append(asyncio.create_task(service.run(), name="federation-runs"))
     return service
@@ -232,7 +251,9 @@ async def controller(settings: CloudSettings) -> AsyncIterator[Running]:
                 tasks.append(asyncio.create_task(placements.run(), name="split-placements"))
             federation = None
             if ctl.federation.enabled:
-                federation = await start_federation(settings, state, tasks)
+                federation = await start_federation(
+                    settings, state, tasks, jobs=supervisor, rollouts=engine
+                )
             gateway = await Gateway.start(gateway_client, settings)
             services = Services(
                 jobs=supervisor,

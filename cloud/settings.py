@@ -118,6 +118,14 @@ class FederationSettings(BaseModel):
     """Longest wait before restarting a SuperLink that died (doubling from 1 s)."""
     poll_s: float = Field(default=2.0, gt=0)
     """How often running federated runs are looked at (progress, outcome)."""
+    promote: bool = True
+    """The closed loop: a succeeded run's model is compressed (no distillation), gated, signed
+    and registered as the next version, then rolled out with a canary to the agents of the
+    model's latest deployment."""
+    max_accuracy_drop: float = Field(default=0.02, ge=0, le=1)
+    """Not promoted when the server-side accuracy fell more than this below round 0."""
+    canary_count: int = Field(default=1, ge=1)
+    canary_soak_s: float = Field(default=60.0, ge=0)
 
     @model_validator(mode="after")
     def _tls_complete(self) -> FederationSettings:

@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -99,6 +100,20 @@ def _signing_key(config: CompressConfig) -> tuple[SigningKey, Path]:
     return key, path
 
 
+_OFFSET_POSITIONS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
+"""Models whose position ids start after the padding index: that many positions are unusable."""
+
+
+def token_budget(config: Any, longest: int = 128) -> int:
+    """Tokens per text the validation may use: ``longest``, or fewer when the model has fewer
+    positions (a small student -- a federated one, say -- may have only 64)."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return longest
+    limit -= _OFFSET_POSITIONS.get(str(getattr(config, "model_type", "")), 0)
+    return max(8, min(longest, limit))
+
+
 def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.suffix != ".json")
 
@@ -171,6 +186,7 @@ def compress(
     labels = _labels(eval_examples, teacher) if config.task == "text-classification" else None
     teacher_runner = TorchRunner(teacher.model, config.task)
     calibration = (teacher.tokenizer, [e.text for e in train[:128]])
+    tokens = token_budget(teacher.model.config)
     signing_key, key_file = _signing_key(config)
     result = CompressResult(
         name=name,
@@ -185,18 +201,30 @@ def compress(
     for profile in profiles:
         step(f"{profile.name}: quantizing ({profile.scheme})")
         qdir = quantize(
-            fp32_dir, work / profile.name, profile, task=config.task, calibration=calibration
+            fp32_dir,
+            work / profile.name,
+            profile,
+            task=config.task,
+            calibration=calibration,
+            max_length=tokens,
         )
         runner = OnnxRunner(qdir, config.task)
         quality = quality_report(
-            config.task, teacher_runner, runner, teacher.tokenizer, eval_texts, labels=labels
+            config.task,
+            teacher_runner,
+            runner,
+            teacher.tokenizer,
+            eval_texts,
+            labels=labels,
+            max_length=tokens,
         )
-        step(f"{profile.name}: timing against the teacher (b1, b32, 128 tokens)")
+        step(f"{profile.name}: timing against the teacher (b1, b32, {tokens} tokens)")
         latency = latency_report(
             teacher_runner,
             runner,
             teacher.tokenizer,
             eval_texts,
+            seq_len=tokens,
             repeats=config.latency_repeats,
         )
         report = ValidationReport(

@@ -28,6 +28,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from edgefed.cloud.federation.closed_loop import DONE_STAGES, LoopSettings, advance
 from edgefed.cloud.federation.flower_app import FlowerApp, RunConfigValue
 from edgefed.cloud.federation.runs import RUN_CONFIG_FILE, FlowerRunner, read_progress
 from edgefed.cloud.federation.superlink import (
@@ -44,6 +46,7 @@ from edgefed.cloud.federation.superlink import (
 )
 from edgefed.cloud.registry.db import make_sessionmaker
 from edgefed.cloud.registry.models import FederationRun, FederationRunStatus
+from edgefed.cloud.services import Kickable, kick
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,16 @@ RENAMED = {"rounds": "num-rounds", "min_nodes": "min-train-nodes"}
 """Spec keys whose run-config key is not just the spec key with dashes."""
 NOT_RUN_CONFIG = frozenset({"model"})
 """Spec keys the ServerApp does not read."""
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """The closed loop's wiring: how runs are promoted, in which fleet, and whom to kick."""
+
+    settings: LoopSettings
+    fleet: str
+    jobs: Kickable | None = None
+    rollouts: Kickable | None = None
 
 
 def no_promotion(run: FederationRun) -> None:
@@ -107,6 +120,7 @@ class FederationService:
         on_succeeded: OnSucceeded = no_promotion,
         poll_s: float = 2.0,
         lookup_s: float = 20.0,
+        promotion: Promotion | None = None,
     ) -> None:
         bind = sessions.kw.get("bind")
         self.sessions = (
@@ -116,6 +130,7 @@ class FederationService:
         self.superlink = superlink
         self.app = app or FlowerApp()
         self.on_succeeded = on_succeeded
+        self.promotion = promotion
         self.poll_s = poll_s
         self.lookup_s = lookup_s
         self.root = data_dir / "federation"
@@ -184,6 +199,8 @@ class FederationService:
             self.recover()
         self._start_queued()
         self._watch_running()
+        if self.promotion is not None:
+            self._advance_loops(self.promotion)
         self.ticks += 1
 
     def _start_queued(self) -> None:
@@ -280,6 +297,46 @@ class FederationService:
                 + ") without the ServerApp reporting an outcome"
             )
         self._update(run_id, FederationRunStatus.FAILED, why, progress)
+
+    def _advance_loops(self, promotion: Promotion) -> None:
+        """Move every succeeded run's closed loop one step (:mod:`.closed_loop`): gate,
+        compression job, canary rollout; kick the job and rollout services when it moved."""
+        with self.sessions() as session:
+            pending = session.scalars(
+                select(FederationRun.id).where(
+                    FederationRun.status == FederationRunStatus.SUCCEEDED
+                )
+            ).all()
+        for run_id in pending:
+            with self.sessions.begin() as session:
+                run = session.get(FederationRun, run_id)
+                if run is None or (run.loop or {}).get("stage") in DONE_STAGES:
+                    continue
+                before = dict(run.loop or {})
+                try:
+                    after = advance(
+                        session,
+                        before,
+                        model_name=run.model,
+                        model_dir=Path((run.result or {}).get("model_dir") or ""),
+                        progress=run.progress or {},
+                        settings=promotion.settings,
+                        fleet=promotion.fleet,
+                        actor=f"federation:{run.id}",
+                    )
+                except Exception as exc:  # the loop must not stop the service
+                    log.exception("federated run %d: the closed loop failed", run_id)
+                    after = {
+                        **before,
+                        "stage": "failed",
+                        "reason": f"the closed loop failed: {exc}",
+                    }
+                if after == before:
+                    continue
+                run.loop = after
+            log.info("federated run %d: closed loop %s", run_id, after)
+            kick(promotion.jobs, "job")
+            kick(promotion.rollouts, "rollout")
 
     # ------------------------------------------------------------------ row updates
 

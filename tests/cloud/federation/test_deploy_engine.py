@@ -28,6 +28,7 @@ from edgefed.cloud.federation.flower_app import FlowerApp
 from edgefed.cloud.federation.runs import FlowerRunner
 from edgefed.cloud.federation.service import FederationService
 from edgefed.cloud.federation.superlink import SuperLinkSupervisor, SuperLinkUnavailable
+from edgefed.cloud.jobs.supervisor import JobSupervisor
 from edgefed.cloud.registry.db import make_engine, make_sessionmaker, migrate
 from edgefed.cloud.registry.models import FederationRun, FederationRunStatus
 from edgefed.cloud.settings import FederationSettings
@@ -176,9 +177,10 @@ def sessions_for(data_dir: Path) -> sessionmaker[Session]:
 
 
 class Ticker:
-    """Ticks a federation service in a thread, as its asyncio task would."""
+    """Ticks a federation service (or the job supervisor) in a thread, as its asyncio task
+    would."""
 
-    def __init__(self, service: FederationService) -> None:
+    def __init__(self, service: FederationService | JobSupervisor) -> None:
         self.service = service
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
