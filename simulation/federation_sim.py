@@ -204,7 +204,7 @@ def federation_run_config(
     min_train_nodes: int = 2,
     min_valid_updates: int = 1,
     local_steps: int = 10,
-    lr: float = 1e-2,
+    lr: float = 3e-3,
     batch_size: int = 16,
     max_seq_len: int = 32,
     train_mode: str = "full",
@@ -475,6 +475,8 @@ def sign_flip_train(train: Handler, attackers: Collection[int], factor: float = 
     the ClientApp has no such knob."""
     from flwr.app import ArrayRecord
 
+    from edgefed.cloud.federation.records import to_record
+
     attacking = set(attackers)
 
     def attack(message: Message, context: Context) -> Message:
@@ -491,7 +493,7 @@ def sign_flip_train(train: Handler, attackers: Collection[int], factor: float = 
         for key, local in got.items():
             g = sent[key].numpy()
             poisoned[key] = (g + factor * (local.numpy() - g)).astype(g.dtype)
-        reply.content["arrays"] = ArrayRecord(poisoned)
+        reply.content["arrays"] = to_record(poisoned)
         return reply
 
     return attack

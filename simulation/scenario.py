@@ -366,7 +366,7 @@ class FederationSpec(_Strict):
     """Share of clients whose updates are replaced by their sign-flipped update x10 (an
     attack injected around the replies; needs ``engine: in-process``)."""
     local_steps: int = Field(default=10, ge=1, le=100_000)
-    lr: float = Field(default=1e-2, gt=0, le=1, allow_inf_nan=False)
+    lr: float = Field(default=3e-3, gt=0, le=1, allow_inf_nan=False)
     proximal_mu: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
     """FedProx's proximal term (``None``: 0.1 for fedprox, off otherwise)."""
     engine: Literal["simulation", "in-process"] = "simulation"
