@@ -3,6 +3,7 @@ be exactly what paho would send."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 
 import pytest
@@ -36,9 +37,12 @@ def paho_pack(**kw: object) -> bytes:
     return bytes(props.pack())  # type: ignore[no-untyped-call]
 
 
-@pytest.mark.parametrize(
-    "combo", list(itertools.product(*CASES.values())), ids=lambda c: str(hash(c))[-6:]
-)
+def _case_id(combo: tuple[object, ...]) -> str:
+    """Stable across processes (pytest-xdist workers must collect the same ids)."""
+    return hashlib.sha256(repr(combo).encode()).hexdigest()[:6]
+
+
+@pytest.mark.parametrize("combo", list(itertools.product(*CASES.values())), ids=_case_id)
 def test_publish_properties_pack_exactly_like_paho(combo: tuple[object, ...]) -> None:
     kw = dict(zip(CASES, combo, strict=True))
     assert PublishProperties(**kw).pack() == paho_pack(**kw)  # type: ignore[arg-type]

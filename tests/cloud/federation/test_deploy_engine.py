@@ -360,7 +360,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Sup
         superlink.stop()
 
 
-def test_service_runs_a_federated_run_to_success_then_stops_one(
+def test_a_running_federated_run_is_stopped_on_request(
     engine: tuple[Path, SuperLinkSupervisor],
 ) -> None:
     root, superlink = engine
@@ -373,31 +373,9 @@ def test_service_runs_a_federated_run_to_success_then_stops_one(
         app=TINY,
         lookup_s=5.0,
     )
-    done = add_run(sessions, rounds=2, min_nodes=2)
+    # A run to success through the service is the e2e test's (real apps, test_deploy_e2e);
+    # here: one that is stopped mid-way stops in Flower too.
     with Ticker(service):
-        wait_for(
-            "the run to finish",
-            lambda: (
-                row(sessions, done).status != FederationRunStatus.QUEUED
-                and row(sessions, done).status != FederationRunStatus.RUNNING
-            ),
-            timeout=240,
-        )
-        finished = row(sessions, done)
-        assert finished.status == FederationRunStatus.SUCCEEDED, finished.error
-        assert finished.flwr_run_id is not None
-        assert [r["round"] for r in finished.progress["rounds"]] == [1, 2]
-        out_dir = root / "ctl" / "federation" / "runs" / str(done)
-        assert finished.result is not None
-        assert finished.result["model_dir"] == str(out_dir / "model")
-        # FedAvg of two nodes adding 1 per round: the weights moved by exactly 2
-        import numpy as np
-
-        assert np.load(out_dir / "model" / "w.npy").tolist() == [2.0, 2.0, 2.0]
-        config = (out_dir / "run-config.toml").read_text()
-        assert f'out-dir = "{out_dir}"' in config
-        assert "num-rounds = 2" in config
-
         long = add_run(sessions, rounds=200, min_nodes=2)
         wait_for(
             "the long run to report a round", lambda: row(sessions, long).progress.get("rounds")
