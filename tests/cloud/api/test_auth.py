@@ -45,6 +45,10 @@ REQUIRED: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/jobs"): "reader",
     ("GET", "/api/v1/jobs/{job_id}"): "reader",
     ("POST", "/api/v1/jobs/{job_id}/cancel"): "operator",
+    ("POST", "/api/v1/federation/runs"): "operator",
+    ("GET", "/api/v1/federation/runs"): "reader",
+    ("GET", "/api/v1/federation/runs/{run_id}"): "reader",
+    ("POST", "/api/v1/federation/runs/{run_id}/stop"): "operator",
     ("GET", "/api/v1/artifacts/{name}/v{version}/{target}/{file:path}"): AGENT_OR_READER,
     ("POST", "/api/v1/deployments"): "operator",
     ("GET", "/api/v1/deployments"): "reader",
@@ -130,6 +134,7 @@ def test_every_route_against_every_kind_of_token(api: Api) -> None:
         "file": "manifest.json",
         "job_id": "2147483000",
         "deployment_id": "2147483000",
+        "run_id": "2147483000",
     }
     routes = app_routes(api)
     assert set(REQUIRED) <= set(routes), "REQUIRED names routes the app does not serve"
