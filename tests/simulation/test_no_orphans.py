@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(300)
 
 HARNESS = Path(__file__).with_name("fleet_harness.py")
 
@@ -59,7 +59,7 @@ def test_no_fleet_process_survives_the_harness(tmp_path: Path, sig: signal.Signa
     assert all(alive(p) for p in pids)
 
     proc.send_signal(sig)
-    proc.wait(60)
+    proc.wait(150)  # a graceful stop of the whole fleet, on a loaded 2-core machine
 
     left = wait_all_gone(pids)
     for pid in left:  # do not leak them into the rest of the suite, then fail

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -70,6 +71,12 @@ LAN = LinkFigures(rtt_ms=1, bandwidth_mbps=1000, samples=20)
 """x86-nuc without sending raw input: split k=1 (34 ms) beats all-edge (45 ms)."""
 EDGY = LinkFigures(rtt_ms=20, bandwidth_mbps=100, samples=20)
 """x86-nuc: all-edge (45.0 ms) just ahead of all-cloud (48.5 ms); 20 % less RTT flips it."""
+
+
+def published(f: Any) -> list[int]:
+    """Generations the spy saw, each once: the rollout engine may republish the recorded
+    desired state (same generation) when an agent is slow to confirm it, which is no new plan."""
+    return sorted({s.generation for s in f.spy.seen})
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +275,7 @@ async def test_link_jitter_inside_the_band_publishes_nothing(
 
     assert first.placements[MODEL].mode == "edge"
     assert stored.generation == 2
-    assert [s.generation for s in f.spy.seen] == [1, 2]
+    assert published(f) == [1, 2]
 
 
 async def test_a_move_past_the_band_publishes_exactly_one_new_generation(
@@ -351,7 +358,7 @@ async def test_a_heartbeat_without_link_figures_plans_nothing(
     assert stored.generation == 1
     assert stored.placements == {}
     assert model_names(stored) == {MODEL: (1, "full", None)}
-    assert [s.generation for s in f.spy.seen] == [1]
+    assert published(f) == [1]
     messages = [r.getMessage() for r in caplog.records]
     assert f"agent {AGENT}: heartbeat carries no link figures; no plan" in messages
     assert any("bandwidth not measured yet" in m for m in messages)
@@ -369,7 +376,7 @@ async def test_an_unknown_device_profile_plans_nothing_and_says_so(
 
     assert stored.generation == 1
     assert stored.placements == {}
-    assert [s.generation for s in f.spy.seen] == [1]
+    assert published(f) == [1]
     unknown = [r.getMessage() for r in caplog.records if "toaster" in r.getMessage()]
     assert len(unknown) == 1  # said once, not on every heartbeat
     assert "unknown device profile 'toaster'" in unknown[0]
@@ -386,7 +393,7 @@ async def test_a_model_without_a_published_profile_plans_nothing_and_keeps_its_s
 
     assert stored.generation == 1
     assert model_names(stored) == {MODEL: (1, "full", None)}
-    assert [s.generation for s in f.spy.seen] == [1]
+    assert published(f) == [1]
     [message] = [r.getMessage() for r in caplog.records if "split profile" in r.getMessage()]
     assert f"{MODEL} v1 has no split profile" in message
     assert "edgefed split publish" in message
