@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edgefed.cloud.orchestration.signals import AutoscalerSettings
 from edgefed.common.devices import UnknownDeviceProfile, load_profile
 from edgefed.common.routing import POLICY_NAMES
 from edgefed.common.settings import Settings, load_settings
@@ -187,6 +188,9 @@ class ControllerSettings(BaseModel):
     """Split placement of models per agent from measured links (off by default)."""
     federation: FederationSettings = Field(default_factory=FederationSettings)
     """Federated learning: the Flower SuperLink beside the controller, and its runs."""
+    autoscaler: dict[str, AutoscalerSettings] = Field(default_factory=dict)
+    """Autoscaling per cloud worker pool (``[controller.autoscaler.POOL]``): decisions are
+    computed and shown (``GET /api/v1/autoscaler``) and, with Kubernetes enabled, applied."""
     dev_mode: bool = False
     """Allow plain HTTP off loopback and similar conveniences for development."""
 
@@ -195,6 +199,14 @@ class ControllerSettings(BaseModel):
     def _known_policy(cls, v: str) -> str:
         if v not in POLICY_NAMES:
             raise ValueError(f"unknown routing policy {v!r}: use one of {', '.join(POLICY_NAMES)}")
+        return v
+
+    @field_validator("autoscaler")
+    @classmethod
+    def _autoscaled_pools(cls, v: dict[str, AutoscalerSettings]) -> dict[str, AutoscalerSettings]:
+        for pool in v:
+            if not re.fullmatch(ID_PATTERN, pool):
+                raise ValueError(f"autoscaler: {pool!r} is not a valid pool name")
         return v
 
     @field_validator("gateway_pools")
@@ -266,6 +278,14 @@ class WorkerSettings(BaseModel):
     max_batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)
     intra_op_threads: int | None = Field(default=None, ge=1)
     """ONNX Runtime threads per model (its default when unset: every core)."""
+    load_report_s: float = Field(default=5.0, gt=0, le=300)
+    """How often the worker publishes its load (arrivals, queue, p95, CPU, memory) for the
+    autoscaler's pool monitor."""
+    metrics_port: int | None = Field(default=9465, ge=0, le=65535)
+    """``/livez``, ``/readyz`` and ``/metrics`` (Prometheus) port; 0: a free one; None: off. A
+    port in use (several workers on one host) is logged and the worker serves without it."""
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - probes and scrapes come from outside the pod
+    """Address the probe and metrics server listens on."""
 
     @field_validator("models")
     @classmethod

@@ -345,6 +345,43 @@ class Telemetry(WireModel):
     records: list[TelemetryRecord]
 
 
+# --------------------------------------------------------------------------- worker load
+
+
+class WorkerLoad(WireModel):
+    """What a cloud worker did over the last ``interval_s``, on ``workers/<pool>/load/<worker>``
+    (QoS 0, not retained: a lost report costs one interval's figures, a stale retained one
+    would be counted as live load). The pool monitor sums a pool's reports into the
+    autoscaler's sample. An *empty* message on the same topic (the worker's last will, or the
+    goodbye of a worker that stops) says the worker is gone."""
+
+    KIND: ClassVar[str] = "worker-load"
+    kind: Literal["worker-load"] = "worker-load"
+
+    worker_id: Identifier
+    pool: Identifier
+    seq: int = Field(ge=0)
+    ts: float = Field(default_factory=now)
+    interval_s: float = Field(gt=0)
+    """Seconds the counts below cover (since the previous report, or the worker's start)."""
+    arrivals: int = Field(ge=0)
+    """Requests handed to the worker in the interval."""
+    completed: int = Field(ge=0)
+    """Requests answered in the interval (any outcome)."""
+    failed: int = Field(default=0, ge=0)
+    """Of ``completed``, those answered with an error."""
+    queue_depth: int = Field(ge=0)
+    """Requests waiting for the model at the end of the interval (all priorities)."""
+    p95_ms: NonNegative | None = None
+    """95th percentile latency (arrival to answer) of the successful requests of the interval;
+    ``None`` when none succeeded."""
+    cpu_cores: NonNegative
+    """CPU cores the worker process used on average over the interval."""
+    rss_bytes: int = Field(ge=0)
+    ready: bool
+    """Models loaded and warmed and the pool's subscription live: it takes requests."""
+
+
 ALL_KINDS: dict[str, type[WireModel]] = {
     cls.KIND: cls
     for cls in (
@@ -357,6 +394,7 @@ ALL_KINDS: dict[str, type[WireModel]] = {
         InferenceReply,
         ErrorReply,
         Telemetry,
+        WorkerLoad,
     )
 }
 

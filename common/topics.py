@@ -10,6 +10,9 @@ Every topic lives under ``edgefed/v1/<fleet>/``::
     agents/<agent>/infer       InferenceRequest; the reply goes to the response topic
     workers/<pool>/infer       InferenceRequest for a pool of cloud workers, consumed through
                                the shared subscription $share/<pool>/<the topic above>
+    workers/<pool>/load/<worker>
+                               WorkerLoad every few seconds (QoS 0, not retained); an empty
+                               message (the worker's last will, or its goodbye) says it is gone
     clients/<client>/replies   the response topic of each requester (replies, acks, errors)
     controller/status          retained status of the controller
 
@@ -81,6 +84,29 @@ class Topics:
     def worker_infer_shared(self, pool: str) -> str:
         """Subscription filter that spreads a pool's requests over its workers."""
         return f"$share/{check_id(pool, 'worker pool')}/{self.worker_infer(pool)}"
+
+    def worker_load(self, pool: str, worker_id: str) -> str:
+        """Where one worker of ``pool`` reports its load (and its last will says it is gone)."""
+        return (
+            f"{self.prefix}/workers/{check_id(pool, 'worker pool')}/load/"
+            f"{check_id(worker_id, 'worker id')}"
+        )
+
+    def all_worker_load(self, pool: str | None = None) -> str:
+        """Filter over the load reports of every worker of ``pool`` (``None``: every pool)."""
+        segment = "+" if pool is None else check_id(pool, "worker pool")
+        return f"{self.prefix}/workers/{segment}/load/+"
+
+    def worker_load_of(self, topic: str) -> tuple[str, str] | None:
+        """(pool, worker id) of a ``workers/<pool>/load/<worker>`` topic of this fleet."""
+        head = f"{self.prefix}/workers/"
+        if not topic.startswith(head):
+            return None
+        parts = topic[len(head) :].split("/")
+        if len(parts) != 3 or parts[1] != "load":
+            return None
+        pool, _, worker = parts
+        return (pool, worker) if _ID.match(pool) and _ID.match(worker) else None
 
     def replies(self, client_id: str) -> str:
         return f"{self.prefix}/clients/{check_id(client_id, 'client id')}/replies"

@@ -37,6 +37,7 @@ from edgefed.common.schemas import (
     Telemetry,
     TelemetryRecord,
     WireModel,
+    WorkerLoad,
     decode,
     encode,
     error_reply_for,
@@ -95,6 +96,20 @@ EXAMPLES: dict[str, WireModel] = {
         agent_id="a1",
         seq=1,
         records=[TelemetryRecord(name="latency", ts=1.0, value=2.0, fields={"ok": True})],
+    ),
+    "worker-load": WorkerLoad(
+        worker_id="worker-gpu-1",
+        pool="gpu",
+        seq=3,
+        interval_s=5.0,
+        arrivals=40,
+        completed=38,
+        failed=1,
+        queue_depth=2,
+        p95_ms=31.5,
+        cpu_cores=1.5,
+        rss_bytes=300_000_000,
+        ready=True,
     ),
 }
 
