@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edgefed.cloud.orchestration.kube_settings import KubernetesSettings
 from edgefed.cloud.orchestration.signals import AutoscalerSettings
 from edgefed.common.devices import UnknownDeviceProfile, load_profile
 from edgefed.common.routing import POLICY_NAMES
@@ -191,6 +192,9 @@ class ControllerSettings(BaseModel):
     autoscaler: dict[str, AutoscalerSettings] = Field(default_factory=dict)
     """Autoscaling per cloud worker pool (``[controller.autoscaler.POOL]``): decisions are
     computed and shown (``GET /api/v1/autoscaler``) and, with Kubernetes enabled, applied."""
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+    """The Kubernetes API server the controller applies manifests to and scales workers on
+    (``[controller.kubernetes]``; off by default)."""
     dev_mode: bool = False
     """Allow plain HTTP off loopback and similar conveniences for development."""
 
