@@ -9,25 +9,41 @@ micro-batching, deadlines carried by message expiry, de-duplication by request i
 
 Artifacts are read from the controller's store (on one machine, or a shared volume under
 Kubernetes) and verified with the controller's public key before anything is loaded.
+
+For the autoscaler, every worker publishes its load (:mod:`edgefed.cloud.worker.load`) and
+serves ``/livez``, ``/readyz`` and ``/metrics`` (:mod:`edgefed.cloud.worker.probes`) on
+``worker.metrics_port``; the probe server starts before the models load, so a pod reports
+"not ready" rather than nothing while it loads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
+import time
 import uuid
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgefed.cloud.settings import CloudSettings, WorkerSettings, parse_model_spec
+from edgefed.cloud.worker.load import LoadMeter, gone_will, publish_loads, say_goodbye
+from edgefed.cloud.worker.probes import ProbeServer, WorkerMetrics
 from edgefed.common.artifact import VerifyKey, load_verify_key, verify
 from edgefed.common.errors import ArtifactError, ArtifactRejected, ConfigError, PermanentError
-from edgefed.common.mqtt import MqttClient
+from edgefed.common.mqtt import Message, MqttClient
 from edgefed.common.rpc import ReplyCache, serve
-from edgefed.common.schemas import InferenceRequest
+from edgefed.common.schemas import (
+    Decoded,
+    Encoded,
+    InferenceReply,
+    InferenceRequest,
+    WorkerLoad,
+)
 from edgefed.common.serving.runtime import OnnxModel
 from edgefed.common.serving.service import Batcher, InferenceService, ModelTable
 from edgefed.common.topics import Topics
@@ -35,6 +51,8 @@ from edgefed.common.topics import Topics
 log = logging.getLogger(__name__)
 
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
+LIVENESS_STALL_S = 30.0
+"""``/livez`` fails when the event loop has not ticked for this long."""
 
 
 class WorkerError(PermanentError):
@@ -59,6 +77,10 @@ class WorkerState:
     models: list[LoadedModel] = field(default_factory=list)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     served: int = 0
+    metrics_port: int | None = None
+    """Port of ``/livez``, ``/readyz`` and ``/metrics`` once bound (None: not served)."""
+    loop_tick: float = field(default_factory=time.monotonic)
+    """When the event loop last ticked (``/livez``)."""
 
 
 def store_of(settings: CloudSettings) -> Path:
@@ -122,6 +144,11 @@ def load_models(
     return loaded
 
 
+def worker_id_for(pool: str) -> str:
+    """A fresh worker id that is a valid topic segment whatever the pool's name length."""
+    return f"worker-{pool[:32]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
 async def run_worker(
     settings: CloudSettings,
     *,
@@ -130,46 +157,95 @@ async def run_worker(
 ) -> WorkerState:
     """Serve the pool's requests until ``stop`` is set."""
     worker = settings.worker
-    worker_id = f"worker-{worker.pool}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    worker_id = worker_id_for(worker.pool)
     state = state or WorkerState(worker_id=worker_id, pool=worker.pool)
     state.worker_id = worker_id
-    store = store_of(settings)
-    keys = trusted_keys(settings)
-    loaded = await asyncio.to_thread(load_models, worker, store, keys, settings)
-    table = ModelTable()
-    batcher = Batcher(
-        max_queue=worker.max_queue,
-        max_batch_size=worker.max_batch_size,
-        max_batch_wait_ms=worker.max_batch_wait_ms,
-    )
-    for model, info in loaded:
-        table.swap(model)
-        state.models.append(info)
-
-    def done(_model: str, _outcome: str, _seconds: float) -> None:
-        state.served += 1
-
-    service = InferenceService(table, batcher, agent_id=worker_id, on_done=done)
     topics = Topics(settings.fleet)
-    try:
-        # No session survives the worker: the broker spreads a shared subscription's messages
-        # over every session that holds it, offline ones too, so a stopped worker's persistent
-        # session would swallow its share of the pool's requests until it expired.
-        client = MqttClient(
-            settings.broker_address(),
-            settings.mqtt.model_copy(update={"session_expiry_s": 0}),
-            client_id=worker_id,
-            clean_start=True,
-        )
-    except ConfigError as exc:
-        raise WorkerError(exc.message) from exc
+    metrics = WorkerMetrics(worker_id, worker.pool)
+    client: MqttClient | None = None
+
+    def not_ready() -> str | None:
+        if stop.is_set():
+            return "stopping"
+        if not state.ready.is_set():
+            return "loading models"
+        if client is None or not client.connected:
+            return "no connection to the broker"
+        return None
+
+    def not_live() -> str | None:
+        stalled = time.monotonic() - state.loop_tick
+        return f"event loop stalled for {stalled:.0f} s" if stalled > LIVENESS_STALL_S else None
+
     async with AsyncExitStack() as stack:
+        stack.enter_context(_ticking(state))
+        if worker.metrics_port is not None:
+            probes = ProbeServer(
+                metrics.registry,
+                readiness=not_ready,
+                liveness=not_live,
+                host=worker.metrics_host,
+                port=worker.metrics_port,
+            )
+            try:
+                state.metrics_port = probes.start()
+                stack.push_async_callback(probes.aclose)
+            except OSError as exc:
+                log.warning(
+                    "cannot serve probes and metrics on %s:%d (%s): the worker runs without "
+                    "them (set worker.metrics_port = 0 for a free port, or none to turn off)",
+                    worker.metrics_host,
+                    worker.metrics_port,
+                    exc,
+                )
+        store = store_of(settings)
+        keys = trusted_keys(settings)
+        loaded = await asyncio.to_thread(load_models, worker, store, keys, settings)
+        table = ModelTable()
+        batcher = Batcher(
+            max_queue=worker.max_queue,
+            max_batch_size=worker.max_batch_size,
+            max_batch_wait_ms=worker.max_batch_wait_ms,
+            metrics=metrics,
+        )
+        for model, info in loaded:
+            table.swap(model)
+            state.models.append(info)
+        meter = LoadMeter()
+
+        def done(model: str, outcome: str, seconds: float) -> None:
+            state.served += 1
+            meter.done(model, outcome, seconds)
+
+        service = InferenceService(
+            table, batcher, agent_id=worker_id, metrics=metrics, on_done=done
+        )
+
+        async def handle(req: Decoded[InferenceRequest], msg: Message) -> InferenceReply | Encoded:
+            meter.arrived()
+            return await service.handle(req, msg)
+
+        load_topic = topics.worker_load(worker.pool, worker_id)
+        try:
+            # No session survives the worker: the broker spreads a shared subscription's
+            # messages over every session that holds it, offline ones too, so a stopped
+            # worker's persistent session would swallow its share of the pool's requests until
+            # it expired.
+            client = MqttClient(
+                settings.broker_address(),
+                settings.mqtt.model_copy(update={"session_expiry_s": 0}),
+                client_id=worker_id,
+                clean_start=True,
+                will=gone_will(topics, worker.pool, worker_id),
+            )
+        except ConfigError as exc:
+            raise WorkerError(exc.message) from exc
         await stack.enter_async_context(batcher)
         await stack.enter_async_context(client)
         await serve(
             client,
             topics.worker_infer_shared(worker.pool),
-            service.handle,
+            handle,
             expected=InferenceRequest,
             dedup=ReplyCache(),
         )
@@ -180,5 +256,41 @@ async def run_worker(
             worker.pool,
         )
         state.ready.set()
-        await stop.wait()
+
+        def snapshot() -> WorkerLoad:
+            ready = not_ready() is None
+            metrics.ready.set(1 if ready else 0)
+            depth = sum(batcher.queue_depth().values())
+            return meter.report(
+                worker_id=worker_id, pool=worker.pool, queue_depth=depth, ready=ready
+            )
+
+        reporter = asyncio.create_task(
+            publish_loads(client, load_topic, worker.load_report_s, snapshot),
+            name=f"load-reports:{worker_id}",
+        )
+        try:
+            await stop.wait()
+        finally:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+            metrics.ready.set(0)
+            await say_goodbye(client, load_topic)
     return state
+
+
+@contextlib.contextmanager
+def _ticking(state: WorkerState) -> Iterator[None]:
+    """Keep ``state.loop_tick`` fresh from the event loop (what ``/livez`` looks at)."""
+
+    async def tick() -> None:
+        while True:
+            state.loop_tick = time.monotonic()
+            await asyncio.sleep(1.0)
+
+    task = asyncio.create_task(tick(), name="worker-loop-tick")
+    try:
+        yield
+    finally:
+        task.cancel()
