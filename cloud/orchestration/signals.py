@@ -29,6 +29,9 @@ class PoolSample:
     """95th percentile of request latency over the interval; None when nothing was served."""
     served_per_s: float = 0.0
     """Requests completed per second over the interval."""
+    desired_replicas: int | None = None
+    """Workers asked for at ``at``, ready or still starting (a Deployment's ``spec.replicas``);
+    None when the monitor does not know, and the autoscaler then uses its own last decision."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,12 @@ class AutoscalerSettings(BaseModel):
     """Predictive: the period of the load's cycle (a day for diurnal traffic)."""
     history_s: float = Field(default=172_800.0, gt=0)
     """Predictive: how much rate history the forecast is fitted on (two seasons by default)."""
+    season_points: int = Field(default=96, ge=4, le=2_000)
+    """Predictive: the rate history is averaged into this many points per season before fitting,
+    which bounds the cost of a fit whatever ``interval_s`` is (96: quarter-hours of a day)."""
+    refit_every_samples: int = Field(default=8, ge=1)
+    """Predictive: refit the forecast at most once per this many samples (a fit is ~0.1 s of
+    CPU); between fits the last fit's forecast is read further ahead."""
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalerSettings:
