@@ -38,6 +38,7 @@ from types import TracebackType
 from typing import Any, TypeVar, cast
 
 import httpx2
+import yaml
 from lightkube import AsyncClient, KubeConfig, codecs
 from lightkube.config.kubeconfig import SingleConfig
 from lightkube.config.models import User
@@ -207,7 +208,7 @@ def client_config(settings: KubernetesSettings) -> SingleConfig:
         single = KubeConfig.from_file(path).get(context_name=settings.context)
     except ConfigError as exc:
         raise KubeConfigError(f"kubeconfig {path}: {exc}") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, yaml.YAMLError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise KubeConfigError(f"kubeconfig {path} cannot be read: {exc!r}") from None
     assert single is not None  # get() without a default raises instead
     if single.user is None:  # a context without a user: anonymous, as kubectl treats it
@@ -552,8 +553,6 @@ def _retry_after(value: str | None) -> float | None:
 def parse_manifest_stream(text: str) -> list[dict[str, Any]]:
     """The objects of a multi-document YAML stream (``kubectl kustomize`` output); ``List``
     kinds are unfolded, empty documents skipped."""
-    import yaml
-
     try:
         docs = list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:
@@ -573,8 +572,6 @@ def parse_manifest_stream(text: str) -> list[dict[str, Any]]:
 
 def dump_objects(objects: Iterable[Mapping[str, Any]]) -> str:
     """``objects`` as a YAML stream (for ``--dry-run``)."""
-    import yaml
-
     return yaml.safe_dump_all([dict(o) for o in objects], sort_keys=False)
 
 
