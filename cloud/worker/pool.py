@@ -167,10 +167,12 @@ async def run_worker(
     def not_ready() -> str | None:
         if stop.is_set():
             return "stopping"
-        if not state.ready.is_set():
+        if not state.models:
             return "loading models"
         if client is None or not client.connected:
             return "no connection to the broker"
+        if not state.ready.is_set():
+            return "subscribing to the pool's requests"
         return None
 
     def not_live() -> str | None:
