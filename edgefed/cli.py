@@ -23,6 +23,8 @@ from rich.table import Table
 from edgefed import __version__
 from edgefed.cloud.federation.cli import fl_app
 from edgefed.cloud.federation.cli import use_settings as use_fl_settings
+from edgefed.cloud.orchestration.kube_cli import k8s_app
+from edgefed.cloud.orchestration.kube_cli import use_settings as use_k8s_settings
 from edgefed.common.errors import ArtifactRejected, ConfigError, EdgefedError
 from edgefed.common.settings import Settings, load_settings
 
@@ -42,6 +44,7 @@ edge_app = typer.Typer(help="The edge agent: join a fleet, run, install as a ser
 app.add_typer(edge_app, name="edge", no_args_is_help=True)
 cloud_app = typer.Typer(help="The cloud controller: control API, registry, rollouts, jobs.")
 app.add_typer(cloud_app, name="cloud", no_args_is_help=True)
+cloud_app.add_typer(k8s_app, name="k8s", no_args_is_help=True)
 split_app = typer.Typer(help="Split a model's layers between edge and cloud.")
 app.add_typer(split_app, name="split", no_args_is_help=True)
 app.add_typer(fl_app, name="fl", no_args_is_help=True)
@@ -128,13 +131,13 @@ def _log_handler(settings: Settings) -> logging.Handler:
     return handler
 
 
-def _settings(**overrides: Any) -> Settings:
+def _settings(*, settings_cls: type[Settings] = Settings, **overrides: Any) -> Settings:
     if _state.log_level:
         overrides.setdefault("log_level", _state.log_level.upper())
-    settings: Settings = load_settings(_state.config, **overrides)
+    settings = load_settings(_state.config, settings_cls=settings_cls, **overrides)
     logging.basicConfig(level=settings.log_level, handlers=[_log_handler(settings)], force=True)
     # Request lines of HTTP clients and migration chatter are noise at INFO.
-    for noisy in ("httpx", "httpcore", "alembic"):
+    for noisy in ("httpx", "httpx2", "httpcore", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     return settings
 
@@ -142,12 +145,15 @@ def _settings(**overrides: Any) -> Settings:
 def _cloud_settings(**overrides: Any) -> CloudSettings:
     from edgefed.cloud.settings import CloudSettings
 
-    base = _settings()  # logging, and the common settings' errors first
-    del base
-    return load_settings(_state.config, settings_cls=CloudSettings, **overrides)
+    # One load with the cloud model: the common model alone refuses a config file's
+    # [controller] and [worker] tables as unknown.
+    settings = _settings(settings_cls=CloudSettings, **overrides)
+    assert isinstance(settings, CloudSettings)
+    return settings
 
 
 use_fl_settings(_cloud_settings)
+use_k8s_settings(_cloud_settings)
 
 
 @app.command()
