@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 from rich.console import Console
@@ -147,9 +147,7 @@ def _cloud_settings(**overrides: Any) -> CloudSettings:
 
     # One load with the cloud model: the common model alone refuses a config file's
     # [controller] and [worker] tables as unknown.
-    settings = _settings(settings_cls=CloudSettings, **overrides)
-    assert isinstance(settings, CloudSettings)
-    return settings
+    return cast("CloudSettings", _settings(settings_cls=CloudSettings, **overrides))
 
 
 use_fl_settings(_cloud_settings)

@@ -16,6 +16,9 @@ Spiked against kmock's ``KubernetesEmulator`` beside ``kubernetes_asyncio``: bot
 but kubernetes_asyncio needs a per-kind API method (or its discovery-driven dynamic client) to
 apply an arbitrary manifest object, and validates models client-side on every response.
 
+Plain-data helpers live beside it: :mod:`.kube_manifests` (parsing and ordering rendered
+objects), :mod:`.kube_rollout` (reading a Deployment's rollout), :mod:`.kube_settings`.
+
 Errors leave this module as :mod:`edgefed.cloud.orchestration.errors`; only
 :class:`KubeUnavailable` (5xx, 429 honouring Retry-After, connection refused or reset,
 timeouts) is retried, with capped full-jitter backoff, ``retries`` times from the settings.
@@ -32,7 +35,6 @@ import os
 import random
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, cast
@@ -63,125 +65,14 @@ from edgefed.cloud.orchestration.errors import (
     KubeNotFound,
     KubeUnavailable,
 )
+from edgefed.cloud.orchestration.kube_manifests import AppliedObject, apply_order
+from edgefed.cloud.orchestration.kube_rollout import RolloutStatus, rollout_status_of
 from edgefed.cloud.orchestration.kube_settings import KubernetesSettings
 from edgefed.common.mqtt import backoff_delay
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# The order objects are applied in: what others refer to first (namespaces, then accounts,
-# storage and RBAC, then workloads, then what selects workloads). Unknown kinds (custom
-# resources such as a ServiceMonitor) go last, after the CRDs that define them. Helm's
-# install order, shortened to what edgefed's manifests hold.
-APPLY_ORDER = (
-    "Namespace",
-    "CustomResourceDefinition",
-    "PriorityClass",
-    "RuntimeClass",
-    "StorageClass",
-    "ResourceQuota",
-    "LimitRange",
-    "NetworkPolicy",
-    "ServiceAccount",
-    "Secret",
-    "ConfigMap",
-    "PersistentVolume",
-    "PersistentVolumeClaim",
-    "ClusterRole",
-    "ClusterRoleBinding",
-    "Role",
-    "RoleBinding",
-    "Service",
-    "DaemonSet",
-    "Deployment",
-    "StatefulSet",
-    "Job",
-    "CronJob",
-    "HorizontalPodAutoscaler",
-    "PodDisruptionBudget",
-    "IngressClass",
-    "Ingress",
-)
-_RANK = {kind: i for i, kind in enumerate(APPLY_ORDER)}
-
-
-def apply_order(objects: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """``objects`` in an order the API server accepts them in (stable within a kind)."""
-    listed = list(objects)
-    for obj in listed:
-        if not isinstance(obj, Mapping):
-            raise InvalidKubeInput(f"a manifest object must be a mapping, not {type(obj).__name__}")
-    return sorted(listed, key=lambda o: _RANK.get(str(o.get("kind")), len(APPLY_ORDER)))
-
-
-@dataclass(frozen=True)
-class AppliedObject:
-    """One object the API server accepted."""
-
-    kind: str
-    name: str
-    namespace: str | None
-
-    def __str__(self) -> str:
-        where = f" in {self.namespace}" if self.namespace else ""
-        return f"{self.kind}/{self.name}{where}"
-
-
-@dataclass(frozen=True)
-class RolloutStatus:
-    """Where a Deployment's rollout stands, read the way ``kubectl rollout status`` reads it."""
-
-    name: str
-    desired: int
-    """``spec.replicas``."""
-    updated: int
-    """Replicas running the current template."""
-    ready: int
-    available: int
-    """Ready for at least ``minReadySeconds``."""
-    observed_generation_current: bool
-    """The controller has seen the latest spec (otherwise the other figures are stale)."""
-    complete: bool
-    message: str
-    failed: bool = False
-    """The rollout exceeded its progress deadline (``ProgressDeadlineExceeded``)."""
-
-
-def rollout_status_of(deployment: Mapping[str, Any]) -> RolloutStatus:
-    """The rollout status of a Deployment object (as a dict), without asking the server."""
-    meta = deployment.get("metadata") or {}
-    spec = deployment.get("spec") or {}
-    status = deployment.get("status") or {}
-    name = str(meta.get("name", "?"))
-    desired = int(spec.get("replicas", 1))
-    updated = int(status.get("updatedReplicas") or 0)
-    ready = int(status.get("readyReplicas") or 0)
-    available = int(status.get("availableReplicas") or 0)
-    total = int(status.get("replicas") or 0)
-    generation = int(meta.get("generation") or 0)
-    observed = int(status.get("observedGeneration") or 0)
-    current = observed >= generation and "observedGeneration" in status
-
-    def result(complete: bool, message: str, failed: bool = False) -> RolloutStatus:
-        return RolloutStatus(
-            name, desired, updated, ready, available, current, complete, message, failed
-        )
-
-    if not current:
-        return result(False, f"waiting for the deployment {name!r} spec update to be observed")
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
-            return result(False, f"deployment {name!r} exceeded its progress deadline", True)
-    if updated < desired:
-        return result(
-            False, f"{updated} out of {desired} new replicas of {name!r} have been updated"
-        )
-    if total > updated:
-        return result(False, f"{total - updated} old replicas of {name!r} are pending termination")
-    if available < updated:
-        return result(False, f"{available} of {updated} updated replicas of {name!r} are available")
-    return result(True, f"deployment {name!r} successfully rolled out")
 
 
 def client_config(settings: KubernetesSettings) -> SingleConfig:
@@ -200,9 +91,10 @@ def client_config(settings: KubernetesSettings) -> SingleConfig:
                     f"in-cluster Kubernetes config needs {sa_dir / file} (the pod's service "
                     "account); set controller.kubernetes.in_cluster = 'false' outside a pod"
                 )
-        single = KubeConfig.from_service_account(service_account=sa_dir).get()
-        assert single is not None  # from_one always sets the current context
-        return single
+        in_pod_config = KubeConfig.from_service_account(service_account=sa_dir).get()
+        if in_pod_config is None:  # from_one always sets a current context; lightkube types
+            raise KubeConfigError(f"no usable in-cluster config from {sa_dir}")
+        return in_pod_config
     path = _kubeconfig_path(settings)
     try:
         single = KubeConfig.from_file(path).get(context_name=settings.context)
@@ -210,7 +102,8 @@ def client_config(settings: KubernetesSettings) -> SingleConfig:
         raise KubeConfigError(f"kubeconfig {path}: {exc}") from None
     except (OSError, yaml.YAMLError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise KubeConfigError(f"kubeconfig {path} cannot be read: {exc!r}") from None
-    assert single is not None  # get() without a default raises instead
+    if single is None:  # get() without a default raises instead; lightkube's typing
+        raise KubeConfigError(f"kubeconfig {path} has no current context: set a context")
     if single.user is None:  # a context without a user: anonymous, as kubectl treats it
         single = single._replace(user=User())
     return single
@@ -548,43 +441,3 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
-
-
-def parse_manifest_stream(text: str) -> list[dict[str, Any]]:
-    """The objects of a multi-document YAML stream (``kubectl kustomize`` output); ``List``
-    kinds are unfolded, empty documents skipped."""
-    try:
-        docs = list(yaml.safe_load_all(text))
-    except yaml.YAMLError as exc:
-        raise InvalidKubeInput(f"rendered manifests are not valid YAML: {exc}") from None
-    objects: list[dict[str, Any]] = []
-    for doc in docs:
-        if doc is None:
-            continue
-        if not isinstance(doc, dict):
-            raise InvalidKubeInput(f"a manifest document is a {type(doc).__name__}, not a mapping")
-        if str(doc.get("kind", "")).endswith("List") and isinstance(doc.get("items"), list):
-            objects.extend(doc["items"])
-        else:
-            objects.append(doc)
-    return objects
-
-
-def dump_objects(objects: Iterable[Mapping[str, Any]]) -> str:
-    """``objects`` as a YAML stream (for ``--dry-run``)."""
-    return yaml.safe_dump_all([dict(o) for o in objects], sort_keys=False)
-
-
-__all__ = [
-    "APPLY_ORDER",
-    "AppliedObject",
-    "KubeAdapter",
-    "KubernetesWorkerScaler",
-    "RolloutStatus",
-    "apply_order",
-    "client_config",
-    "convert_error",
-    "dump_objects",
-    "parse_manifest_stream",
-    "rollout_status_of",
-]

@@ -90,7 +90,7 @@ def find_kubectl() -> Path:
 def render(source: Path) -> list[dict[str, Any]]:
     """The objects of an overlay directory (``kubectl kustomize``, offline) or of a YAML file
     of rendered manifests."""
-    from edgefed.cloud.orchestration.kube import parse_manifest_stream
+    from edgefed.cloud.orchestration.kube_manifests import parse_manifest_stream
 
     if source.is_file():
         return parse_manifest_stream(source.read_text())
@@ -128,7 +128,7 @@ def k8s_apply(
     ] = None,
 ) -> None:
     """Render an overlay and server-side apply it, namespaces first."""
-    from edgefed.cloud.orchestration.kube import apply_order, dump_objects
+    from edgefed.cloud.orchestration.kube_manifests import apply_order, dump_objects
 
     objects = render(source)
     if not objects:
@@ -168,7 +168,8 @@ def k8s_status(
 ) -> None:
     """Rollout status, read once. Exit 0 when every rollout is complete, 75 while one is in
     progress, 1 when one exceeded its progress deadline."""
-    from edgefed.cloud.orchestration.kube import KubernetesWorkerScaler, RolloutStatus
+    from edgefed.cloud.orchestration.kube import KubernetesWorkerScaler
+    from edgefed.cloud.orchestration.kube_rollout import RolloutStatus
 
     settings = _loader[0]().controller
 

@@ -17,7 +17,8 @@ import kmock
 import pytest
 
 from edgefed.cloud.orchestration.errors import InvalidKubeInput, KubeNotFound
-from edgefed.cloud.orchestration.kube import KubernetesWorkerScaler, rollout_status_of
+from edgefed.cloud.orchestration.kube import KubernetesWorkerScaler
+from edgefed.cloud.orchestration.kube_rollout import rollout_status_of
 from edgefed.cloud.orchestration.scaler import WorkerScaler
 
 from .kube_emulator import (
