@@ -10,7 +10,9 @@ What runs, all on one asyncio loop:
   runs per agent from the links agents measure; desired-state changes through the same
   publisher);
 * with ``[controller.federation] enabled``, a Flower SuperLink (a supervised child process)
-  and the federation service that runs federated learning runs on it.
+  and the federation service that runs federated learning runs on it;
+* with pools in ``[controller.autoscaler]``, the pool monitor (workers' load reports) and the
+  autoscaler, resizing worker Deployments when ``[controller.kubernetes] enabled``.
 
 The services are built once the API's lifespan has opened the registry (migrations, signing key,
 first admin token), so they share its engine. Without ``broker_url`` a private mosquitto is
@@ -254,6 +256,13 @@ async def controller(settings: CloudSettings) -> AsyncIterator[Running]:
                 federation = await start_federation(
                     settings, state, tasks, jobs=supervisor, rollouts=engine
                 )
+            autoscaler = None
+            if ctl.autoscaler:  # recommend-only unless [controller.kubernetes] is enabled
+                from edgefed.cloud.orchestration.service import start_autoscaling
+
+                autoscaler = await start_autoscaling(
+                    settings, client, tasks, registry=app.state.metrics.registry
+                )
             gateway = await Gateway.start(gateway_client, settings)
             services = Services(
                 jobs=supervisor,
@@ -262,6 +271,7 @@ async def controller(settings: CloudSettings) -> AsyncIterator[Running]:
                 gateway=gateway,
                 placements=placements,
                 federation=federation,
+                autoscaler=autoscaler,
             )
             app.state.services = services
             log.info("controller for fleet %s serving at %s", settings.fleet, url)

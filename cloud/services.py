@@ -15,6 +15,7 @@ from edgefed.common.routing import Routed, TargetSnapshot
 from edgefed.common.schemas import InferenceRequest
 
 if TYPE_CHECKING:
+    from edgefed.cloud.orchestration.service import PoolState
     from edgefed.cloud.split.placements import PlannedPlacement
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,15 @@ class PlacementView(Protocol):
         """Split plans in force by agent and model, with the figures they were made for."""
 
 
+class AutoscalerView(Protocol):
+    @property
+    def applying(self) -> bool:
+        """Whether decisions are applied through a scaler (False: recommend-only)."""
+
+    def snapshot(self) -> list[PoolState]:
+        """Every autoscaled pool: settings, last sample, last decisions, vertical hints."""
+
+
 @dataclass
 class Services:
     jobs: JobService | None = None
@@ -78,3 +88,4 @@ class Services:
     gateway: GatewayService | None = None
     placements: PlacementView | None = None
     federation: FederationControl | None = None
+    autoscaler: AutoscalerView | None = None

@@ -8,6 +8,7 @@ from edgefed.cloud.api.routes import (
     agents,
     artifacts,
     audit,
+    autoscaler,
     deployments,
     federation,
     health,
@@ -32,6 +33,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     infer.router,
     split.router,
     federation.router,
+    autoscaler.router,
 )
 
 __all__ = ["ROUTERS"]

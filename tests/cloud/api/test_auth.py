@@ -49,6 +49,7 @@ REQUIRED: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/federation/runs"): "reader",
     ("GET", "/api/v1/federation/runs/{run_id}"): "reader",
     ("POST", "/api/v1/federation/runs/{run_id}/stop"): "operator",
+    ("GET", "/api/v1/autoscaler"): "reader",
     ("GET", "/api/v1/artifacts/{name}/v{version}/{target}/{file:path}"): AGENT_OR_READER,
     ("POST", "/api/v1/deployments"): "operator",
     ("GET", "/api/v1/deployments"): "reader",
