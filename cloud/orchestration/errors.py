@@ -19,6 +19,10 @@ class KubeConfigError(OrchestrationError, ConfigError):
     """No usable Kubernetes client configuration (kubeconfig, context or service account)."""
 
 
+class KubeClientClosed(OrchestrationError, PermanentError):
+    """The adapter was used after ``aclose()`` (or after its ``async with`` block)."""
+
+
 class InvalidKubeInput(OrchestrationError, PermanentError):
     """A manifest object or an argument is invalid; nothing was sent for it."""
 

@@ -58,6 +58,7 @@ from lightkube.types import PatchType
 from edgefed.cloud.orchestration.errors import (
     InvalidKubeInput,
     KubeApiError,
+    KubeClientClosed,
     KubeConfigError,
     KubeConflict,
     KubeForbidden,
@@ -151,6 +152,7 @@ class KubeAdapter:
         )
         self._rng = rng or random.Random()  # noqa: S311  # jitter, not security
         self._crds_loaded = False
+        self._closed = False
 
     @property
     def server(self) -> str:
@@ -169,6 +171,7 @@ class KubeAdapter:
         await self.aclose()
 
     async def aclose(self) -> None:
+        self._closed = True
         await self._client.close()
 
     # ------------------------------------------------------------------ operations
@@ -308,6 +311,8 @@ class KubeAdapter:
     async def _call(self, verb: str, what: str, op: Callable[[], Awaitable[T]]) -> T:
         """Run one API request, converting lightkube's and httpx2's errors and retrying
         :class:`KubeUnavailable` with backoff ``retries`` times."""
+        if self._closed:
+            raise KubeClientClosed(f"cannot {verb} {what}: the Kubernetes adapter is closed")
         attempts = self.settings.retries + 1
         for attempt in range(1, attempts + 1):
             try:

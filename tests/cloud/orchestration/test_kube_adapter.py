@@ -16,7 +16,7 @@ from typing import Any
 import kmock
 import pytest
 
-from edgefed.cloud.orchestration.errors import InvalidKubeInput, KubeNotFound
+from edgefed.cloud.orchestration.errors import InvalidKubeInput, KubeClientClosed, KubeNotFound
 from edgefed.cloud.orchestration.kube import KubernetesWorkerScaler
 from edgefed.cloud.orchestration.kube_rollout import rollout_status_of
 from edgefed.cloud.orchestration.scaler import WorkerScaler
@@ -340,3 +340,12 @@ async def test_label_node_needs_a_label(cluster: Cluster) -> None:
     async with cluster.adapter() as kube:
         with pytest.raises(InvalidKubeInput, match="at least one label"):
             await kube.label_node("jetson-1", {})
+
+
+async def test_a_closed_adapter_says_so(cluster: Cluster) -> None:
+    async with cluster.adapter() as kube:
+        pass
+
+    with pytest.raises(KubeClientClosed, match="adapter is closed"):
+        await kube.replicas("edgefed-worker-default")
+    assert len(cluster.api) == 0
