@@ -187,8 +187,8 @@ class KubeAdapter:
         ordered = apply_order(objects)
         resources = [await self._to_resource(obj, ordered) for obj in ordered]
         applied: list[AppliedObject] = []
-        for res in resources:
-            kind = type(res).__name__
+        for obj, res in zip(ordered, resources, strict=True):
+            kind = str(obj["kind"])
             meta = res.metadata
             name = str(meta.name)
             ns: str | None = None
