@@ -56,6 +56,7 @@ from edgefed.edge.linkmeter import LinkMeter
 from edgefed.edge.metrics import AgentMetrics
 from edgefed.edge.offload import Offloader
 from edgefed.edge.placements import PlacementBook
+from edgefed.edge.readiness import Readiness, assess
 from edgefed.edge.reconcile import ModelEvent, Reconciler
 from edgefed.edge.routeplan import RoutePlan
 from edgefed.edge.store import ModelStore
@@ -118,6 +119,12 @@ class Agent:
         self.metrics_port: int | None = None
         self.ready = asyncio.Event()
         """Set once installed models are loaded and the local endpoint serves."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._subscribed = False
+        self._stopping = False
+        self._desired_models: dict[str, int] | None = None
+        """Models of the newest desired state seen (name -> version), for readiness."""
+        self._desired_generation = 0
 
     # ------------------------------------------------------------------ pieces
 
@@ -266,6 +273,51 @@ class Agent:
             return
         await self._desired.put(desired)
 
+    # ------------------------------------------------------------------ readiness
+
+    def readiness(self) -> Readiness:
+        """Whether the agent serves what its controller asked for (call on the event loop)."""
+        return assess(
+            started=self.ready.is_set(),
+            connected=self.cloud is not None and self.cloud.connected,
+            subscribed=self._subscribed,
+            desired=self._desired_models,
+            serving={m.name: m.version for m in self.table.loaded()},
+            stopping=self._stopping,
+        )
+
+    def _readiness_from_thread(self) -> Readiness:
+        """:meth:`readiness` for the probe server's thread: evaluated on the event loop, so it
+        never reads the serving table mid-swap; a loop that does not answer within 2 s is
+        reported as such."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return Readiness.not_ready("stopping")
+
+        async def on_loop() -> Readiness:
+            return self.readiness()
+
+        try:
+            future = asyncio.run_coroutine_threadsafe(on_loop(), loop)
+        except RuntimeError:  # the loop is closing
+            return Readiness.not_ready("stopping")
+        try:
+            return future.result(timeout=2.0)
+        except TimeoutError:
+            future.cancel()
+            return Readiness.not_ready("the agent's event loop did not answer within 2 s")
+
+    def _note_desired(self, desired: DesiredState) -> None:
+        """Remember the newest desired state's models (the reconciler ignores older ones, and
+        uses the first entry of a name listed twice)."""
+        if desired.generation < self._desired_generation:
+            return
+        self._desired_generation = desired.generation
+        models: dict[str, int] = {}
+        for entry in desired.models:
+            models.setdefault(entry.name, entry.version)
+        self._desired_models = models
+
     async def _reconcile_loop(self, reconciler: Reconciler[OnnxModel]) -> None:
         retry_delay = 2.0
         while True:
@@ -282,6 +334,7 @@ class Agent:
                 continue
             while not self._desired.empty():  # coalesce: only the newest matters
                 desired = self._desired.get_nowait()
+            self._note_desired(desired)
             retry_delay = 2.0
             await reconciler.apply(desired)
             self.offloader.refresh()  # a head may have come or gone with the models
@@ -341,7 +394,16 @@ class Agent:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
         cfg = self.config
+        self._loop = asyncio.get_running_loop()
         async with contextlib.AsyncExitStack() as stack:
+            # First, so that the liveness probe answers while installed models are restored
+            # (a TensorRT engine build takes minutes) and readiness says what it waits for.
+            if cfg.metrics_port is not None:
+                server, self.metrics_port = self.metrics.start_http_server(
+                    cfg.metrics_port, readiness=self._readiness_from_thread
+                )
+                stack.callback(server.server_close)
+                stack.callback(server.shutdown)
             http = await stack.enter_async_context(
                 httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0))
             )
@@ -368,9 +430,6 @@ class Agent:
             self.placements.on_change(self.offloader.set_placements)
             await stack.enter_async_context(self.batcher)
             stack.callback(self.outbox.close)
-            if cfg.metrics_port is not None:
-                server, self.metrics_port = self.metrics.start_http_server(cfg.metrics_port)
-                stack.callback(server.shutdown)
 
             cache = ReplyCache()
             if cfg.local_endpoint.enabled:
@@ -416,6 +475,7 @@ class Agent:
                         name="outbox",
                     )
                     await stop.wait()
+                    self._stopping = True
                     await self._say_goodbye()
                     raise _Stop
             except* _Stop:
@@ -459,6 +519,7 @@ class Agent:
                     expected=InferenceRequest,
                     dedup=cache,
                 )
+                self._subscribed = True
                 return
             except Exception as exc:  # noqa: BLE001 - retried: the cloud may come later
                 log.warning("cloud link not ready (%s); retrying", exc)

@@ -32,9 +32,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client import (
-    start_http_server as _start_http_server,
-)
+
+from edgefed.edge.probes import ReadinessCheck, start_probe_server
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +172,17 @@ class AgentMetrics:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
 
-    def start_http_server(self, port: int, addr: str = "0.0.0.0") -> tuple[Any, int]:  # noqa: S104
-        """Serve ``/metrics`` on ``addr:port`` (port 0: a free one) in a daemon thread.
+    def start_http_server(
+        self,
+        port: int,
+        addr: str = "0.0.0.0",  # noqa: S104
+        readiness: ReadinessCheck | None = None,
+    ) -> tuple[Any, int]:
+        """Serve ``/metrics``, ``/livez`` and ``/readyz`` (:mod:`edgefed.edge.probes`) on
+        ``addr:port`` (port 0: a free one) in a daemon thread.
 
         Returns the server (``server.shutdown()`` stops it) and the port really bound.
         """
-        server, _thread = _start_http_server(port, addr=addr, registry=self.registry)
-        actual = int(server.server_port)
-        log.info("metrics on http://%s:%d/metrics", addr, actual)
+        server, actual = start_probe_server(self.registry, port, addr, readiness)
+        log.info("metrics and probes on http://%s:%d (/metrics, /livez, /readyz)", addr, actual)
         return server, actual
