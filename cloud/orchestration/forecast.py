@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgefed.cloud.orchestration.errors import OrchestrationError
 from edgefed.common.errors import TemporaryError
 
 MIN_TREND_POINTS = 12
@@ -24,7 +25,7 @@ Forecaster = Callable[[Sequence[float], int | None, int], Sequence[float]]
 """``(rates per bin, season length in bins or None, steps) -> forecast rates per bin``."""
 
 
-class ForecastFailed(TemporaryError):
+class ForecastFailed(OrchestrationError, TemporaryError):
     """The forecast could not be fitted or gave no finite answer; more history may help."""
 
 
@@ -48,7 +49,10 @@ def holt_winters(history: Sequence[float], season: int | None, steps: int) -> li
                 damped_trend=True,
                 seasonal="add" if season else None,
                 seasonal_periods=season,
-                initialization_method="estimated",
+                # Estimating one initial value per season point is most of a fit's cost (and
+                # dozens of parameters from two seasons); the heuristic decomposes the first two
+                # seasons instead and leaves only the smoothing weights to optimise.
+                initialization_method="heuristic" if season else "estimated",
             )
             forecast = np.asarray(model.fit().forecast(steps), dtype=float)
     except (ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:

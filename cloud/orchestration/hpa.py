@@ -19,17 +19,18 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from edgefed.cloud.orchestration.errors import OrchestrationError
 from edgefed.cloud.orchestration.signals import AutoscalerSettings, PoolSample, ScaleDecision
 from edgefed.common.errors import PermanentError, TemporaryError
 
 
-class InvalidSample(PermanentError):
+class InvalidSample(OrchestrationError, PermanentError):
     """A pool sample with an impossible value (negative, NaN, or older than the previous one)."""
 
     exit_code = 65  # EX_DATAERR
 
 
-class NoPoolSample(TemporaryError):
+class NoPoolSample(OrchestrationError, TemporaryError):
     """``decide`` was called before any sample was observed: the pool's size is unknown."""
 
 
@@ -73,7 +74,7 @@ class Proposal:
 
 def hpa_replicas(ready: int, current: int, ratio: float, tolerance: float) -> int:
     """``ceil(ready × ratio)``, or ``current`` while ``ratio`` is within ``tolerance`` of 1."""
-    if abs(ratio - 1.0) <= tolerance:
+    if abs(ratio - 1.0) <= tolerance + 1e-9:  # 1.1 - 1.0 is 0.10000000000000009 in floats
         return current
     # A ratio like 1.2000000000000002 must not turn 5 workers into 7: round before ceil.
     return max(0, math.ceil(round(ready * ratio, 9)))
@@ -131,6 +132,10 @@ class Stabiliser:
 
     def stabilise(self, now: float, recommendation: int, current: int) -> tuple[int, str]:
         """The replicas the windows allow, and a note when a window held the pool back."""
+        if not self._recent:
+            # The size the pool has when autoscaling starts counts as a recommendation, so a
+            # restarted controller does not shrink the pool before a window of evidence.
+            self._recent.append((now, current))
         up_cut, down_cut = now - self._up, now - self._down
         up, down = recommendation, recommendation
         for at, rec in self._recent:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgefed.cloud.orchestration.errors import OrchestrationError
 from edgefed.cloud.orchestration.signals import ResourceUsage
 from edgefed.common.errors import ConfigError, PermanentError, TemporaryError
 
@@ -25,11 +26,11 @@ CPU_STEP_MILLI = 10
 MIB = 1024 * 1024
 
 
-class NotEnoughUsage(TemporaryError):
+class NotEnoughUsage(OrchestrationError, TemporaryError):
     """Too few usage samples for a recommendation to mean anything; more will come."""
 
 
-class InvalidUsage(PermanentError):
+class InvalidUsage(OrchestrationError, PermanentError):
     """A usage sample with a negative or non-finite value."""
 
     exit_code = 65  # EX_DATAERR
