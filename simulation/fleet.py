@@ -7,7 +7,9 @@ harness's orchestrator.
 2. the controller, ``edgefed cloud serve``, with SQLite in a temporary data directory;
 3. the models of the spec, signed with the controller's own key, published into its artifact
    store and registered through its API;
-4. cloud workers, ``edgefed cloud worker``, per pool;
+4. cloud workers, ``edgefed cloud worker``, per pool (a pool with ``autoscale`` is then resized
+   by the controller's autoscaler, run here on the harness's loop with its own pool monitor,
+   through :class:`~edgefed.simulation.process_scaler.ProcessWorkerScaler`);
 5. the agents, each enrolled with a join token of its own and reaching the broker *and* the
    controller through two :class:`~edgefed.simulation.linkproxy.LinkProxy` of its own, shaped
    by its site's link profile -- so real bytes cross shaped sockets. Agents are ``edgefed edge
@@ -53,7 +55,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -85,7 +87,11 @@ from edgefed.edge.config import AgentConfig, LocalEndpoint, OffloadConfig
 from edgefed.edge.join import join
 from edgefed.simulation.fleet_spec import AgentSpec, FleetSpec, ModelSpec
 from edgefed.simulation.linkproxy import LinkProfile, LinkProxy
+from edgefed.simulation.process_scaler import ProcessWorkerScaler
 from edgefed.simulation.procs import Child, Supervisor, child_env
+
+if TYPE_CHECKING:
+    from edgefed.cloud.orchestration.service import AutoscaleService
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +202,17 @@ class Fleet:
         self.events: list[FleetEvent] = []
         self.agents: dict[str, FleetAgent] = {}
         """Agent name -> agent, in the order of the spec."""
-        self.workers: dict[str, list[Child]] = {}
-        """Pool name -> its worker processes."""
+        self._supervisor = Supervisor(self.root / "logs", grace_s=min(grace_s, 5.0))
+        self.worker_processes = ProcessWorkerScaler(
+            self._supervisor,
+            self._worker_command,
+            grace_s=min(grace_s, 5.0),
+            on_change=lambda pool, what: self.record("pool.scale", pool, what),
+        )
+        """The pools' worker processes (and the scaler the autoscaler resizes them with)."""
+        self.autoscaler: AutoscaleService | None = None
+        """Running when a pool has ``autoscale``."""
+        self._autoscaling: asyncio.Task[None] | None = None
         self.model_versions: dict[str, int] = {}
         """Model name -> the newest version published by the fleet."""
         self.deployments: dict[str, int] = {}
@@ -209,7 +224,6 @@ class Fleet:
         """With ``spec.local_endpoints``: the loopback broker standing in for the devices'."""
         self._local_mqtt: MqttClient | None = None
         self._local_requester: Requester | None = None
-        self._supervisor = Supervisor(self.root / "logs", grace_s=min(grace_s, 5.0))
         self._controller: _Controller | None = None
         self._mqtt: MqttClient | None = None
         self._requester: Requester | None = None
@@ -327,9 +341,9 @@ class Fleet:
         if spec.local_endpoints:
             await self._start_device_broker()
         for pool in spec.pools:
-            self.workers[pool.name] = []
-            for i in range(pool.workers):
-                await self._start_worker(pool.name, spec.pool_models(pool), i)
+            for _ in range(pool.workers):
+                await self._start_worker(pool.name, spec.pool_models(pool))
+        await self._start_autoscaling()
         for index, agent_spec in enumerate(spec.agents):
             await self._add_agent(agent_spec, index)
         await self.wait_online(list(self.agents))
@@ -357,6 +371,11 @@ class Fleet:
                 shutil.rmtree(self.root, ignore_errors=True)
 
     async def _stop_everything(self) -> None:
+        if self._autoscaling is not None:
+            self._autoscaling.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._autoscaling
+            self._autoscaling = None
         stops = [a.stop for a in self.agents.values() if a.stop is not None]
         for stop in stops:
             stop.set()
@@ -546,7 +565,17 @@ class Fleet:
 
     # ------------------------------------------------------------------ workers
 
-    async def _start_worker(self, pool: str, models: list[str], index: int) -> Child:
+    @property
+    def workers(self) -> dict[str, list[Child]]:
+        """Pool name -> its running worker processes."""
+        return {
+            pool: [p.child for p in self.worker_processes.running(pool)]
+            for pool in (p.name for p in self.spec.pools)
+        }
+
+    def _worker_command(self, pool: str, index: int, port: int) -> tuple[list[str], dict[str, str]]:
+        spec = next(p for p in self.spec.pools if p.name == pool)
+        models = self.spec.pool_models(spec)
         argv = [*_CLI, "cloud", "worker", "--pool", pool, "--store", str(self.store)]
         for name in models:
             argv += ["--model", name]
@@ -560,12 +589,35 @@ class Fleet:
             EDGEFED_WORKER__TARGET=next(
                 (m.target for m in self.spec.models if m.name == models[0]), "x86-avx2"
             ),
+            EDGEFED_WORKER__METRICS_HOST="127.0.0.1",
+            EDGEFED_WORKER__METRICS_PORT=str(port),
         )
-        child = self._supervisor.child(f"worker-{pool}-{index}", argv, env)
-        child.start()
-        self.workers[pool].append(child)
+        if spec.autoscale is not None:  # a few reports per decision interval
+            report_s = min(5.0, spec.autoscale.interval_s / 2)
+            env["EDGEFED_WORKER__LOAD_REPORT_S"] = f"{report_s:g}"
+        return argv, env
+
+    async def _start_worker(self, pool: str, models: list[str]) -> Child:
+        child = self.worker_processes.start_one(pool).child
         await self._wait_answers(child, self.topics.worker_infer(pool), models[0])
         return child
+
+    async def _start_autoscaling(self) -> None:
+        """Pools with ``autoscale``: the controller's autoscaler, on this loop, with a pool
+        monitor of its own on the fleet's broker, resizing the pools' worker processes."""
+        pools = {p.name: p.autoscale for p in self.spec.pools if p.autoscale is not None}
+        if not pools or self._mqtt is None:
+            return
+        # Imported here: the autoscaler's forecasting pulls statsmodels, which fleets without
+        # an autoscaled pool (the demo) do not need.
+        from edgefed.cloud.orchestration.pool_monitor import PoolMonitor
+        from edgefed.cloud.orchestration.service import AutoscaleService
+
+        monitor = PoolMonitor(self._mqtt, self.topics)
+        await monitor.start()
+        self.autoscaler = AutoscaleService(pools, monitor, self.worker_processes)
+        self._autoscaling = asyncio.create_task(self.autoscaler.run(), name="autoscaler")
+        self.record("autoscaler.start", ",".join(pools), "harness-run, worker processes")
 
     async def _wait_answers(self, child: Child, topic: str, model: str) -> None:
         """Until a request on ``topic`` is answered (the worker has loaded its models)."""

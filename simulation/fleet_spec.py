@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edgefed.cloud.orchestration.signals import AutoscalerSettings
 from edgefed.common.devices import UnknownDeviceProfile, load_profile
 from edgefed.common.schemas import Identifier
 from edgefed.simulation.linkproxy import LinkProfile
@@ -54,6 +55,9 @@ class PoolSpec(BaseModel):
     workers: int = Field(default=1, ge=0, le=64)
     models: list[Identifier] | None = None
     """Model names the workers serve (None: every model of the fleet)."""
+    autoscale: AutoscalerSettings | None = None
+    """Resize the pool with the controller's autoscaler (run by the harness, starting and
+    stopping worker processes); ``workers`` is then the starting size."""
 
 
 class ModelSpec(BaseModel):

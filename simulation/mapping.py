@@ -5,7 +5,7 @@ become the :class:`~edgefed.simulation.fleet_spec.FleetSpec` the harness starts.
   group's device profile, site and labels;
 * links: each site's uplink profile (every agent there gets proxies of its own with it);
 * pools: the scenario's worker pools (the pool's device profile is not emulated: cloud workers
-  run at this host's speed, which ``cloud-cpu`` stands for);
+  run at this host's speed, which ``cloud-cpu`` stands for), with their ``autoscale`` settings;
 * models: the prepared ONNX folders (:mod:`edgefed.simulation.prepare`), served for the target
   :func:`~edgefed.simulation.prepare.serving_target` chose;
 * ``routing.split: auto``: split pairs at :func:`split_points` of each model are published
@@ -45,7 +45,10 @@ def fleet_spec(
 ) -> FleetSpec:
     """The fleet of ``scenario`` (``mode`` overrides the scenario's)."""
     split = scenario.routing.split == "auto"
-    pools = [PoolSpec(name=w.pool, workers=w.count) for w in scenario.cloud.workers]
+    pools = [
+        PoolSpec(name=w.pool, workers=w.count, autoscale=w.autoscale)
+        for w in scenario.cloud.workers
+    ]
     serving_pools = [p.name for p in pools if p.workers > 0]
     model_specs = []
     for m in scenario.models:

@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from edgefed.cloud.compress.config import TARGETS
+from edgefed.cloud.orchestration.signals import AutoscalerSettings
 from edgefed.cloud.rollout.strategy import StrategyKind
 from edgefed.common.devices import UnknownDeviceProfile, load_profile
 from edgefed.common.errors import ConfigError
@@ -197,6 +198,11 @@ class WorkerPoolSpec(_Strict):
     pool: str = "default"
     count: int = Field(default=1, ge=0, le=256)
     device: str = "cloud-cpu"
+    autoscale: AutoscalerSettings | None = None
+    """Resize the pool with the controller's autoscaler (``mode``, ``min_replicas``,
+    ``max_replicas``, ``interval_s``, ``slo_p95_ms``, ... as in ``[controller.autoscaler.POOL]``),
+    run by the harness, which starts and stops worker processes; ``count`` is the starting
+    size."""
 
     @field_validator("pool")
     @classmethod
@@ -207,6 +213,16 @@ class WorkerPoolSpec(_Strict):
     @classmethod
     def _device(cls, v: str) -> str:
         return _device_profile(v)
+
+    @model_validator(mode="after")
+    def _can_scale(self) -> WorkerPoolSpec:
+        scale = self.autoscale
+        if scale is not None and scale.mode != "off" and self.count == 0 == scale.min_replicas:
+            raise ValueError(
+                "an autoscaled pool of count 0 needs min_replicas >= 1: the autoscaler learns "
+                "the load from the workers' reports, so a pool kept at none never gets one"
+            )
+        return self
 
 
 class CloudSpec(_Strict):
