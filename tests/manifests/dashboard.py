@@ -83,14 +83,15 @@ def _names(registry: Any) -> set[str]:
 
 def exported_metric_names() -> set[str]:
     """Every series name edgefed's collectors expose: the agent's, a cloud worker's, the
-    control API's and the fleet gauges the controller computes from its registry (here from an
-    empty in-memory one)."""
+    control API's, the autoscaler's (with no pool and no monitor: only its gauges are read) and
+    the fleet gauges the controller computes from its registry (here an empty in-memory one)."""
     from prometheus_client import CollectorRegistry
     from sqlalchemy import create_engine
     from sqlalchemy.orm import sessionmaker
 
     from edgefed.cloud.api.metrics import HttpMetrics
     from edgefed.cloud.fleet.metrics import RegistryCollector
+    from edgefed.cloud.orchestration.service import AutoscaleService
     from edgefed.cloud.registry.models import Base
     from edgefed.cloud.worker.probes import WorkerMetrics
     from edgefed.edge.metrics import AgentMetrics
@@ -98,6 +99,7 @@ def exported_metric_names() -> set[str]:
     names = _names(AgentMetrics("agent").registry)
     names |= _names(WorkerMetrics("worker", "default").registry)
     names |= _names(HttpMetrics(CollectorRegistry()).registry)
+    names |= _names(AutoscaleService({}, monitor=None, scaler=None).registry)  # type: ignore[arg-type]
     engine = create_engine("sqlite://")
     Base.metadata.create_all(engine)
     fleet = CollectorRegistry()

@@ -123,6 +123,16 @@ def test_the_controller_runs_edgefed_cloud_serve_as_its_settings_read_it(
     assert ctl_settings.resolved_artifact_store == Path("/var/lib/edgefed-artifacts")
     assert ctl_settings.resolved_public_url.startswith("https://")
     assert settings.broker_address().tls
+    # Each autoscaled pool's Deployment exists and the controller's Role may scale it.
+    assert ctl_settings.kubernetes.enabled
+    assert sorted(ctl_settings.autoscaler) == ["default"]
+    (role,) = [o for o in rendered["cloud"] if o["kind"] == "Role"]
+    scalable = {n for r in role["rules"] if "patch" in r["verbs"] for n in r["resourceNames"]}
+    deployments = {o["metadata"]["name"] for o in rendered["cloud"] if o["kind"] == "Deployment"}
+    for pool in ctl_settings.autoscaler:
+        name = ctl_settings.kubernetes.deployment_for(pool)
+        assert name in scalable
+        assert name in deployments
 
 
 def test_the_worker_serves_its_pool_from_the_shared_store_read_only(
@@ -445,7 +455,8 @@ def test_the_dashboard_shows_the_figures_an_operator_looks_for(
         "histogram_quantile(0.95",  # p95 latency
         "edgefed_worker_queue_depth",  # queue depth
         'edgefed_agents{state="online"}',  # agents online
-        "edgefed_worker_ready",  # worker replicas
+        "edgefed_autoscaler_desired_replicas",  # worker replicas
+        "edgefed_worker_ready",
     ):
         assert needed in exprs
 
