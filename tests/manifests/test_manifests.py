@@ -65,13 +65,15 @@ def test_the_cloud_overlay_holds_controller_broker_and_the_default_worker_pool(
     assert "edgefed-grafana-dashboard" in kinds["ConfigMap"]
 
 
-@pytest.mark.parametrize("overlay", ["edge-cpu", "edge-jetson"])
+@pytest.mark.parametrize(
+    ("overlay", "name"), [("edge-cpu", "edgefed-agent"), ("edge-jetson", "edgefed-agent-jetson")]
+)
 def test_the_edge_overlays_hold_the_agent_daemonset_on_labelled_nodes(
-    rendered: dict[str, list[Obj]], overlay: str
+    rendered: dict[str, list[Obj]], overlay: str, name: str
 ) -> None:
     (agent,) = [o for o in rendered[overlay] if o["kind"] == "DaemonSet"]
     spec = checks.pod_spec(agent)
-    assert agent["metadata"]["name"] == "edgefed-agent"
+    assert agent["metadata"]["name"] == name
     assert spec["nodeSelector"]["edgefed.io/agent"] == "true"
     (state,) = [v for v in spec["volumes"] if v["name"] == "state"]
     assert state["hostPath"] == {"path": "/var/lib/edgefed", "type": "Directory"}
@@ -84,13 +86,39 @@ def test_the_edge_overlays_hold_the_agent_daemonset_on_labelled_nodes(
 def test_the_jetson_overlay_runs_the_l4t_image_with_the_nvidia_runtime_on_jetson_nodes(
     rendered: dict[str, list[Obj]],
 ) -> None:
-    assert checks.runtime_class_problems(rendered["edge-jetson"], "edgefed-agent", "nvidia") == []
+    problems = checks.runtime_class_problems(
+        rendered["edge-jetson"], "edgefed-agent-jetson", "nvidia"
+    )
+    assert problems == []
     (agent,) = [o for o in rendered["edge-jetson"] if o["kind"] == "DaemonSet"]
     spec = checks.pod_spec(agent)
     assert spec["nodeSelector"]["edgefed.io/accelerator"] == "jetson"
     assert spec["nodeSelector"]["kubernetes.io/arch"] == "arm64"
     images = {c["image"] for _, c, _ in checks.containers(agent)}
     assert images == {"ghcr.io/edgefed/edgefed-agent-jetson:0.1.0"}
+
+
+def test_a_mixed_fleet_applies_both_edge_overlays_without_a_clash(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    """CPU and Jetson agents side by side: no object of one overlay replaces one of the other
+    (but the shared Namespace), the DaemonSets select disjoint pods, and a Jetson node
+    (edgefed.io/accelerator=jetson) gets only the Jetson agent."""
+    cpu, jetson = rendered["edge-cpu"], rendered["edge-jetson"]
+    shared = {name_of(o) for o in cpu} & {name_of(o) for o in jetson}
+    assert shared == {"Namespace/edgefed"}
+    (cpu_agent,) = [o for o in cpu if o["kind"] == "DaemonSet"]
+    (jetson_agent,) = [o for o in jetson if o["kind"] == "DaemonSet"]
+    assert not checks.selects(cpu_agent["spec"]["selector"], checks.template_labels(jetson_agent))
+    assert not checks.selects(jetson_agent["spec"]["selector"], checks.template_labels(cpu_agent))
+    terms = checks.pod_spec(cpu_agent)["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]["nodeSelectorTerms"]
+    jetson_node = checks.pod_spec(jetson_agent)["nodeSelector"]
+    assert not any(
+        checks.selects({"matchExpressions": t["matchExpressions"]}, jetson_node) for t in terms
+    )
+    assert "affinity" not in checks.pod_spec(jetson_agent)
 
 
 def test_the_cpu_overlay_asks_for_no_special_runtime(rendered: dict[str, list[Obj]]) -> None:
@@ -120,6 +148,7 @@ def test_the_controller_runs_edgefed_cloud_serve_as_its_settings_read_it(
             mp.setenv(name, value)
         settings = load_cloud_settings()
     ctl_settings = settings.controller
+    assert ctl_settings.data_dir == Path("/var/lib/edgefed-controller")
     assert ctl_settings.resolved_artifact_store == Path("/var/lib/edgefed-artifacts")
     assert ctl_settings.resolved_public_url.startswith("https://")
     assert settings.broker_address().tls
@@ -378,7 +407,7 @@ BREAKAGES = {
     "jetson agent without the nvidia runtime": (
         "edge-jetson",
         lambda o: first(o, "DaemonSet")["spec"]["template"]["spec"].pop("runtimeClassName"),
-        lambda objs: checks.runtime_class_problems(objs, "edgefed-agent", "nvidia"),
+        lambda objs: checks.runtime_class_problems(objs, "edgefed-agent-jetson", "nvidia"),
         "runtimeClassName None",
     ),
 }
