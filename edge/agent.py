@@ -14,6 +14,10 @@ then does the agent reach for the cloud broker, which may be down for as long as
 
 Heartbeats carry the uplink the agent measured (:mod:`edgefed.edge.linkmeter`): the RTT of
 their own QoS 1 probe and the bandwidth of artifact downloads and split activations.
+
+On ``metrics_port`` the agent serves ``/metrics``, ``/livez`` and ``/readyz``
+(:mod:`edgefed.edge.probes`), from before the installed models are restored: readiness
+(:mod:`edgefed.edge.readiness`) waits for the broker and for every desired model, warmed up.
 """
 
 from __future__ import annotations
