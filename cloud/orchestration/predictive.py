@@ -84,7 +84,8 @@ class PredictiveAutoscaler(ReactiveAutoscaler):
             self._since_fit += 1
 
     def _refit(self, now: float) -> None:
-        """Fit when due: at most once per ``refit_every_samples`` samples."""
+        """Fit when due: at most once per ``refit_every_samples`` samples, and only when a bin
+        has completed since the last fit (with quarter-hour bins, not every 2 minutes)."""
         if self._since_fit is not None and self._since_fit < self.settings.refit_every_samples:
             return
         first, rates = self._history.complete(now)
@@ -99,7 +100,14 @@ class PredictiveAutoscaler(ReactiveAutoscaler):
         )
         last_needed = history.bin_of(now + ahead_s)
         next_bin = first + len(rates)
-        steps = max(1, last_needed - next_bin + 1)
+        fitted = self._fitted
+        if (
+            fitted is not None
+            and fitted.first_bin == next_bin
+            and fitted.peak(last_needed, last_needed) is not None
+        ):
+            return  # no bin completed since that fit, and its forecast reaches far enough
+        steps = last_needed - next_bin + 2  # one bin more: it lasts until the next bin completes
         self._since_fit = 0
         self.fits += 1
         try:

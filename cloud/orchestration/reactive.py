@@ -3,6 +3,13 @@
 It never reads a clock: ``observe`` takes the pool monitor's samples, ``decide(now)`` answers
 from the latest one, so the same object runs in the controller, the simulation harness and tests
 on synthetic traces.
+
+What the rule does on a steady load, by design of its metrics: a p95 well under the SLO (a
+lightly loaded pool answers in about its service time) proposes a smaller pool, so once the
+scale-down window has passed the pool shrinks towards saturation, a queue forms, and the queue
+metric (``ceil(waiting / target)``, large while new workers start) overshoots; on a flat load
+the pool cycles with a period of a few scale-down windows (``bench/autoscale.py`` counts the
+resizes). The predictive autoscaler's forecast holds the pool where the load needs it.
 """
 
 from __future__ import annotations

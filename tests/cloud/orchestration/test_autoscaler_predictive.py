@@ -122,6 +122,18 @@ def test_fits_are_bounded_by_refit_every_samples() -> None:
     assert 0 < scaler.fits <= len(result.times) // 8 + 1
 
 
+def test_no_refit_without_a_new_bin_of_history() -> None:
+    day = settings(season_s=86_400, season_points=96, history_s=172_800)  # 900 s bins
+    scaler = PredictiveAutoscaler(day)
+    fits_at: dict[float, int] = {}
+    for t in range(15, 6 * 3600, 15):  # six hours of 15 s samples = 24 bins
+        scaler.observe(PoolSample(t, 4, 40.0, 0, 90.0, 40.0, desired_replicas=4))
+        scaler.decide(t)
+        fits_at[t] = scaler.fits
+    assert fits_at[3 * 3600 + 15] == 1  # first fit once 12 bins are complete
+    assert scaler.fits <= 12 + 1  # then about one a bin, not one per 8 samples (80)
+
+
 def test_no_forecast_replicas_until_the_capacity_is_learnt() -> None:
     scaler = PredictiveAutoscaler(settings(capacity_rps_per_replica=None))
     for t in range(15, 600, 15):  # a calm pool: never saturated, so no capacity evidence
