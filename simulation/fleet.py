@@ -376,6 +376,7 @@ class Fleet:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._autoscaling
             self._autoscaling = None
+        await self.worker_processes.wait_stopped()  # workers a scale-down is still stopping
         stops = [a.stop for a in self.agents.values() if a.stop is not None]
         for stop in stops:
             stop.set()

@@ -185,7 +185,7 @@ class AutoscaleService:
             state.autoscaler.observe(sample)
             decision = state.autoscaler.decide(now)
         except EdgefedError as exc:
-            self._failed(state, "sampling", exc)
+            self._failed(state, "reading the pool", exc)
             return None
         previous = state.decisions[-1] if state.decisions else None
         state.decisions.append(decision)
