@@ -11,9 +11,10 @@ requests and service times.
 Policies:
 - ``static-mean`` / ``static-peak``: a fixed pool sized for the trace's mean rate / its highest
   60 s rate (bursts included), at 70 % utilisation of a worker's known capacity;
-- ``reactive``: the HPA rule on queue depth per worker (target 4) and p95 latency (target the
-  SLO, 200 ms), HPA defaults (15 s interval, tolerance 0.1, no scale-up window, 300 s
-  scale-down window), 1-40 workers;
+- ``reactive``: the HPA rule on utilisation (arrivals over what the ready workers serve, target
+  70 %, a worker's capacity learnt from samples), queue depth per worker (target 4) and p95
+  latency (target the SLO, 200 ms), HPA defaults (15 s interval, tolerance 0.1, no scale-up
+  window, 300 s scale-down window), 1-40 workers;
 - ``predictive``: the same settings plus Holt-Winters on the request rate (season = the
   compressed day, 2 days of history, 96 points a day, horizon 120 s, refit every 8 samples),
   worker capacity *learnt* from samples (not told), 70 % target utilisation.

@@ -19,6 +19,8 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
+
 from edgefed.cloud.orchestration.errors import OrchestrationError
 from edgefed.cloud.orchestration.signals import AutoscalerSettings, PoolSample, ScaleDecision
 from edgefed.common.errors import PermanentError, TemporaryError
@@ -63,6 +65,37 @@ def check_sample(sample: PoolSample, previous: PoolSample | None) -> None:
         )
 
 
+CAPACITY_SAMPLES = 64
+MIN_CAPACITY_SAMPLES = 3
+
+
+class CapacityEstimate:
+    """Requests per second one worker serves within the SLO: ``capacity_rps_per_replica`` when
+    set; otherwise learnt from samples where the pool was saturated (requests waiting) yet met
+    its SLO: there, requests served per second per ready worker is what a worker can do within
+    the SLO (the 90th percentile of the last 64 such samples, to discount intervals that were
+    only partly saturated)."""
+
+    def __init__(self, settings: AutoscalerSettings) -> None:
+        self._configured = settings.capacity_rps_per_replica
+        self._slo = settings.slo_p95_ms
+        self._seen: deque[float] = deque(maxlen=CAPACITY_SAMPLES)
+
+    def observe(self, sample: PoolSample) -> None:
+        saturated = sample.replicas > 0 and sample.queue_depth > 0 and sample.served_per_s > 0
+        if saturated and sample.p95_ms is not None and sample.p95_ms <= self._slo:
+            self._seen.append(sample.served_per_s / sample.replicas)
+
+    @property
+    def rps(self) -> float | None:
+        """The capacity, or None while fewer than 3 saturated samples met the SLO."""
+        if self._configured is not None:
+            return self._configured
+        if len(self._seen) < MIN_CAPACITY_SAMPLES:
+            return None
+        return float(np.percentile(np.asarray(self._seen), 90))
+
+
 @dataclass(frozen=True)
 class Proposal:
     """What one metric asks for, and a phrase that explains it (it ends up in the reason)."""
@@ -81,11 +114,27 @@ def hpa_replicas(ready: int, current: int, ratio: float, tolerance: float) -> in
 
 
 def reactive_proposals(
-    sample: PoolSample, current: int, settings: AutoscalerSettings
+    sample: PoolSample,
+    current: int,
+    settings: AutoscalerSettings,
+    capacity_rps: float | None = None,
 ) -> list[Proposal]:
-    """The HPA's per-metric proposals: queue depth per ready worker, and p95 latency."""
+    """The HPA's per-metric proposals: utilisation (once a worker's capacity is known), queue
+    depth per ready worker, and p95 latency."""
     ready = sample.replicas
     proposals: list[Proposal] = []
+    if capacity_rps is not None and ready > 0:
+        utilisation = sample.arrivals_per_s / (ready * capacity_rps)
+        ratio = utilisation / settings.target_utilisation
+        proposals.append(
+            Proposal(
+                "utilisation",
+                hpa_replicas(ready, current, ratio, settings.tolerance),
+                f"{sample.arrivals_per_s:.1f} req/s over {ready} ready x "
+                f"{capacity_rps:.1f} req/s = {utilisation:.0%} vs target "
+                f"{settings.target_utilisation:.0%}",
+            )
+        )
     target_q = settings.target_queue_per_replica
     if ready > 0:
         per_replica = sample.queue_depth / ready

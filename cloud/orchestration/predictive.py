@@ -8,18 +8,13 @@ larger of the reactive one and the forecast one: a surprise the forecast missed 
 reactively, and a forecast that fails (or is not available yet) leaves the reactive answer,
 with the reason saying so.
 
-A worker's capacity is ``capacity_rps_per_replica`` when set; otherwise it is learnt from
-samples where the pool was saturated (requests waiting) yet met its SLO: there, requests served
-per second per ready worker is what a worker can do within the SLO (the 90th percentile of the
-last 64 such samples, to discount intervals that were only partly saturated).
+A worker's capacity is the reactive rule's (``hpa.CapacityEstimate``): configured, or learnt
+from saturated samples that met the SLO.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
-
-import numpy as np
 
 from edgefed.cloud.orchestration.forecast import (
     MIN_TREND_POINTS,
@@ -31,32 +26,6 @@ from edgefed.cloud.orchestration.forecast import (
 from edgefed.cloud.orchestration.hpa import Proposal, hpa_replicas
 from edgefed.cloud.orchestration.reactive import ReactiveAutoscaler
 from edgefed.cloud.orchestration.signals import AutoscalerSettings, PoolSample
-
-CAPACITY_SAMPLES = 64
-MIN_CAPACITY_SAMPLES = 3
-
-
-class CapacityEstimate:
-    """Requests per second one worker serves within the SLO: configured, or learnt."""
-
-    def __init__(self, settings: AutoscalerSettings) -> None:
-        self._configured = settings.capacity_rps_per_replica
-        self._slo = settings.slo_p95_ms
-        self._seen: deque[float] = deque(maxlen=CAPACITY_SAMPLES)
-
-    def observe(self, sample: PoolSample) -> None:
-        saturated = sample.replicas > 0 and sample.queue_depth > 0 and sample.served_per_s > 0
-        if saturated and sample.p95_ms is not None and sample.p95_ms <= self._slo:
-            self._seen.append(sample.served_per_s / sample.replicas)
-
-    @property
-    def rps(self) -> float | None:
-        """The capacity, or None while fewer than 3 saturated samples met the SLO."""
-        if self._configured is not None:
-            return self._configured
-        if len(self._seen) < MIN_CAPACITY_SAMPLES:
-            return None
-        return float(np.percentile(np.asarray(self._seen), 90))
 
 
 class PredictiveAutoscaler(ReactiveAutoscaler):
@@ -70,7 +39,6 @@ class PredictiveAutoscaler(ReactiveAutoscaler):
         bin_s = settings.season_s / settings.season_points
         # +1: the bin being filled is kept beside history_s worth of complete ones.
         self._history = RateHistory(bin_s, max_bins=int(settings.history_s // bin_s) + 1)
-        self._capacity = CapacityEstimate(settings)
         self._fitted: FittedForecast | None = None
         self._failure: str | None = None
         self._since_fit: int | None = None
@@ -78,8 +46,8 @@ class PredictiveAutoscaler(ReactiveAutoscaler):
         """Fits attempted so far (the cost the bench reports)."""
 
     def _observed(self, sample: PoolSample) -> None:
+        super()._observed(sample)
         self._history.add(sample.at, sample.arrivals_per_s)
-        self._capacity.observe(sample)
         if self._since_fit is not None:
             self._since_fit += 1
 

@@ -4,17 +4,19 @@ It never reads a clock: ``observe`` takes the pool monitor's samples, ``decide(n
 from the latest one, so the same object runs in the controller, the simulation harness and tests
 on synthetic traces.
 
-What the rule does on a steady load, by design of its metrics: a p95 well under the SLO (a
-lightly loaded pool answers in about its service time) proposes a smaller pool, so once the
-scale-down window has passed the pool shrinks towards saturation, a queue forms, and the queue
-metric (``ceil(waiting / target)``, large while new workers start) overshoots; on a flat load
-the pool cycles with a period of a few scale-down windows (``bench/autoscale.py`` counts the
-resizes). The predictive autoscaler's forecast holds the pool where the load needs it.
+Three metrics, largest wins. Queue depth and p95 latency are the SLO's own signals but are not
+proportional to load below saturation: a lightly loaded pool has no queue and answers in about
+its service time, so on their own they propose ever smaller pools until a queue forms, then
+overshoot while new workers start (a limit cycle on a flat load). Utilisation (arrival rate
+over what the ready workers serve, against ``target_utilisation``) is proportional to load, as
+CPU is for the HPA, and holds the pool at its fixed point once a worker's capacity is known
+(configured, or learnt from saturated samples that met the SLO: ``hpa.CapacityEstimate``).
 """
 
 from __future__ import annotations
 
 from edgefed.cloud.orchestration.hpa import (
+    CapacityEstimate,
     NoPoolSample,
     Proposal,
     Stabiliser,
@@ -35,6 +37,7 @@ class ReactiveAutoscaler:
     def __init__(self, settings: AutoscalerSettings) -> None:
         self.settings = settings
         self._stabiliser = Stabiliser(settings)
+        self._capacity = CapacityEstimate(settings)
         self._last: PoolSample | None = None
         self._decided: int | None = None
 
@@ -65,7 +68,7 @@ class ReactiveAutoscaler:
         }
         if sample.p95_ms is not None:
             inputs["p95_ms"] = sample.p95_ms
-        proposals = reactive_proposals(sample, current, self.settings)
+        proposals = reactive_proposals(sample, current, self.settings, self._capacity.rps)
         notes: list[str] = []
         proposals += self._extra_proposals(now, current, inputs, notes)
         decision = hpa_decision(
@@ -83,7 +86,8 @@ class ReactiveAutoscaler:
         return sample.replicas
 
     def _observed(self, sample: PoolSample) -> None:
-        """Hook for subclasses that keep more than the latest sample."""
+        """Learn from every sample (subclasses keep more: call this first)."""
+        self._capacity.observe(sample)
 
     def _extra_proposals(
         self, now: float, current: int, inputs: dict[str, float], notes: list[str]

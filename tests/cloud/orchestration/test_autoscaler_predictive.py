@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from edgefed.cloud.orchestration.forecast import ForecastFailed, RateHistory, holt_winters
-from edgefed.cloud.orchestration.predictive import CapacityEstimate, PredictiveAutoscaler
+from edgefed.cloud.orchestration.hpa import CapacityEstimate
+from edgefed.cloud.orchestration.predictive import PredictiveAutoscaler
 from edgefed.cloud.orchestration.reactive import ReactiveAutoscaler
 from edgefed.cloud.orchestration.signals import AutoscalerSettings, PoolSample
 from edgefed.simulation.autoscale_sim import PoolSpec, replay

@@ -26,10 +26,16 @@ from edgefed.common.errors import PermanentError, TemporaryError
 from edgefed.simulation.autoscale_sim import PoolSpec, replay
 
 SLO = 200.0
+CAPACITY = 20.0
+"""Requests per second one worker serves (configured, so the utilisation metric is known)."""
+AT_TARGET = CAPACITY * 0.7
+"""Requests per second per worker that hold utilisation on its 70 % target."""
 
 
 def settings(**kw: object) -> AutoscalerSettings:
-    return AutoscalerSettings.model_validate({"max_replicas": 20, "slo_p95_ms": SLO, **kw})
+    return AutoscalerSettings.model_validate(
+        {"max_replicas": 20, "slo_p95_ms": SLO, "capacity_rps_per_replica": CAPACITY, **kw}
+    )
 
 
 def sample(
@@ -38,9 +44,13 @@ def sample(
     *,
     queue: int = 0,
     p95: float | None = 100.0,
-    arrivals: float = 50.0,
+    arrivals: float | None = None,
     desired: int | None = None,
 ) -> PoolSample:
+    """A consistent sample: by default the load holds utilisation on target, so only the metric
+    a test sets moves the pool."""
+    if arrivals is None:
+        arrivals = AT_TARGET * replicas
     return PoolSample(
         at=at,
         replicas=replicas,
@@ -163,9 +173,13 @@ def test_scale_down_waits_for_the_down_window() -> None:
     busy = [step(scaler, sample(t, 10, queue=40, p95=SLO)) for t in range(15, 315, 15)]
     assert set(busy) == {10}
     last_busy = 300
-    quiet = {t: step(scaler, sample(t, 10, queue=0, p95=80.0)) for t in range(315, 900, 15)}
+    # Load falls to 40 % of what 10 workers hold at target: utilisation and latency both say 4.
+    quiet = {
+        t: step(scaler, sample(t, 10, queue=0, p95=80.0, arrivals=AT_TARGET * 4))
+        for t in range(315, 900, 15)
+    }
     assert all(quiet[t] == 10 for t in quiet if t < last_busy + 300)
-    assert quiet[last_busy + 300] == 4  # ceil(10 x 80 / 200)
+    assert quiet[last_busy + 300] == 4  # ceil(10 x 80 / 200) = ceil(10 x 0.4)
 
 
 # --------------------------------------------------------------------------- bounds
@@ -262,3 +276,21 @@ def test_make_autoscaler_follows_the_mode() -> None:
     off.observe(sample(15, 9, queue=500))  # outside [min, max] and overloaded: still kept
     assert off.decide(15).replicas == 9
     assert "off" in off.decide(15).reason
+
+
+@pytest.mark.parametrize("capacity", [CAPACITY, None], ids=["configured", "learnt"])
+def test_a_flat_load_settles_instead_of_cycling(capacity: float | None) -> None:
+    """Queue and latency alone shrink a lightly loaded pool until a queue forms, then overshoot
+    (a limit cycle); utilisation holds the pool once a worker's capacity is known, configured
+    or learnt from the first saturated samples."""
+    config = settings(
+        capacity_rps_per_replica=capacity, max_replicas=40, scale_down_stabilization_s=300
+    )
+    trace = np.full(3 * 3600, 100.0)  # 100 req/s for three hours: 5 workers at 100 %
+
+    result = replay(trace, ReactiveAutoscaler(config), PoolSpec(), initial_replicas=12, seed=3)
+
+    settled = [d for t, d in zip(result.times, result.decided, strict=True) if t > 3600]
+    assert direction_changes(settled) == 0
+    assert max(settled) - min(settled) <= 1
+    assert 6 <= min(settled) <= 9  # 100 / (capacity x 70 %) = 7.1, give or take the estimate
