@@ -61,7 +61,8 @@ def test_the_cloud_overlay_holds_controller_broker_and_the_default_worker_pool(
         "edgefed-mosquitto",
         "edgefed-worker-default",
     ]
-    assert kinds["ClusterRole"] == ["edgefed-controller-nodes"]
+    assert "ClusterRole" not in kinds  # nothing cluster-scoped: node labels are an admin's act
+    assert "ClusterRoleBinding" not in kinds
     assert "edgefed-grafana-dashboard" in kinds["ConfigMap"]
 
 
@@ -196,7 +197,7 @@ def test_the_worker_serves_its_pool_from_the_shared_store_read_only(
     assert settings.worker.trusted_keys == [Path("/etc/edgefed/signing/signing.pub")]
 
 
-def test_the_controller_role_only_gets_and_patches_the_worker_deployments_and_nodes(
+def test_the_controller_role_only_gets_and_patches_the_worker_deployments(
     rendered: dict[str, list[Obj]],
 ) -> None:
     roles = {o["kind"]: o for o in rendered["cloud"] if o["kind"] in ("Role", "ClusterRole")}
@@ -209,9 +210,7 @@ def test_the_controller_role_only_gets_and_patches_the_worker_deployments_and_no
             "verbs": ["get", "patch"],
         }
     ]
-    assert roles["ClusterRole"]["rules"] == [
-        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "patch"]}
-    ]
+    assert "ClusterRole" not in roles
     verbs = {v for r in roles["Role"]["rules"] for v in r["verbs"]}
     assert verbs.isdisjoint({"create", "update", "delete", "deletecollection"})
 
@@ -384,7 +383,7 @@ BREAKAGES = {
     ),
     "wildcard resource": (
         "cloud",
-        lambda o: first(o, "ClusterRole")["rules"][0].update({"resources": ["*"]}),
+        lambda o: first(o, "Role")["rules"][1].update({"resources": ["*"]}),
         checks.rbac_problems,
         "wildcard in resources",
     ),
