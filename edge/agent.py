@@ -16,7 +16,7 @@ Heartbeats carry the uplink the agent measured (:mod:`edgefed.edge.linkmeter`): 
 their own QoS 1 probe and the bandwidth of artifact downloads and split activations.
 
 On ``metrics_port`` the agent serves ``/metrics``, ``/livez`` and ``/readyz``
-(:mod:`edgefed.edge.probes`), from before the installed models are restored: readiness
+(:mod:`edgefed.common.probes`), from before the installed models are restored: readiness
 (:mod:`edgefed.edge.readiness`) waits for the broker and for every desired model, warmed up.
 """
 
@@ -38,6 +38,7 @@ from edgefed.common.artifact import Manifest, VerifyKey
 from edgefed.common.broker import PrivateBroker
 from edgefed.common.errors import PayloadError
 from edgefed.common.mqtt import Message, MqttClient, Will
+from edgefed.common.probes import ProbeServer
 from edgefed.common.rpc import ReplyCache, serve
 from edgefed.common.schemas import (
     AgentState,
@@ -403,11 +404,15 @@ class Agent:
             # First, so that the liveness probe answers while installed models are restored
             # (a TensorRT engine build takes minutes) and readiness says what it waits for.
             if cfg.metrics_port is not None:
-                server, self.metrics_port = self.metrics.start_http_server(
-                    cfg.metrics_port, readiness=self._readiness_from_thread
+                probes = ProbeServer(
+                    self.metrics.registry,
+                    host="0.0.0.0",  # noqa: S104 - the kubelet and Prometheus are outside the pod
+                    port=cfg.metrics_port,
+                    readiness=self._readiness_from_thread,
+                    name="agent-http",
                 )
-                stack.callback(server.server_close)
-                stack.callback(server.shutdown)
+                self.metrics_port = probes.start()
+                stack.callback(probes.close)
             http = await stack.enter_async_context(
                 httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0))
             )

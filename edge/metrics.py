@@ -1,5 +1,7 @@
 """Prometheus metrics of the edge agent, on a registry of its own (never the global one, so that
-several agents in one process -- the simulation harness, the tests -- do not collide).
+several agents in one process -- the simulation harness, the tests -- do not collide). The first
+four are the serving metrics shared with the cloud workers
+(:mod:`edgefed.common.serving.metrics`); :class:`edgefed.common.probes.ProbeServer` serves them.
 
 Exposed names (``edgefed_agent_`` prefix):
 
@@ -21,73 +23,25 @@ Exposed names (``edgefed_agent_`` prefix):
 from __future__ import annotations
 
 import contextlib
-import logging
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import Counter, Gauge
 
-from edgefed.edge.probes import ReadinessCheck, start_probe_server
-
-log = logging.getLogger(__name__)
+from edgefed.common.serving.metrics import LATENCY_BUCKETS, PrometheusServingMetrics
 
 __all__ = ["LATENCY_BUCKETS", "PREFIX", "AgentMetrics", "SwapOutcome"]
 
 PREFIX = "edgefed_agent"
-LATENCY_BUCKETS: tuple[float, ...] = (
-    0.001,
-    0.002,
-    0.005,
-    0.01,
-    0.02,
-    0.05,
-    0.1,
-    0.2,
-    0.5,
-    1.0,
-    2.0,
-    5.0,
-    10.0,
-)
-"""Request latency buckets in seconds, 1 ms to 10 s (plus +Inf)."""
-BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
 
 SwapOutcome = Literal["ok", "failed", "rejected"]
 
 
-class AgentMetrics:
+class AgentMetrics(PrometheusServingMetrics):
     """The agent's metrics; the methods are what the other modules call."""
 
     def __init__(self, agent_id: str | None = None) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        super().__init__(PREFIX)
         reg = self.registry
-        self.requests = Counter(
-            f"{PREFIX}_requests",
-            "Inference requests answered, by outcome",
-            ["outcome"],
-            registry=reg,
-        )
-        self.latency = Histogram(
-            f"{PREFIX}_request_latency_seconds",
-            "Inference request latency from arrival to answer",
-            buckets=LATENCY_BUCKETS,
-            registry=reg,
-        )
-        self.batch_size = Histogram(
-            f"{PREFIX}_batch_size",
-            "Requests per model run (micro-batching)",
-            buckets=BATCH_BUCKETS,
-            registry=reg,
-        )
-        self.queue_depth = Gauge(
-            f"{PREFIX}_queue_depth", "Requests waiting, by priority", ["priority"], registry=reg
-        )
         self.model_version = Gauge(
             f"{PREFIX}_model_version", "Version of each served model", ["model"], registry=reg
         )
@@ -124,19 +78,6 @@ class AgentMetrics:
         self.info.clear()
         self.info.labels(agent_id=agent_id).set(1)
 
-    def request_done(self, outcome: str, seconds: float) -> None:
-        """One request answered: ``outcome`` is ``ok`` or an error code (``expired``, ...)."""
-        self.requests.labels(outcome=outcome).inc()
-        self.latency.observe(max(0.0, seconds))
-
-    def batch_done(self, size: int) -> None:
-        self.batch_size.observe(size)
-
-    def set_queue_depth(self, depth: Mapping[Any, int]) -> None:
-        """Waiting requests per priority (a :class:`~edgefed.common.schemas.Priority` or str)."""
-        for priority, count in depth.items():
-            self.queue_depth.labels(priority=str(priority)).set(count)
-
     def model_loaded(self, name: str, version: int) -> None:
         self.model_version.labels(model=name).set(version)
 
@@ -165,24 +106,3 @@ class AgentMetrics:
     def telemetry_sent(self, count: int = 1) -> None:
         if count > 0:
             self.telemetry.inc(count)
-
-    # ------------------------------------------------------------------ exposition
-
-    def render(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
-        return generate_latest(self.registry)
-
-    def start_http_server(
-        self,
-        port: int,
-        addr: str = "0.0.0.0",  # noqa: S104
-        readiness: ReadinessCheck | None = None,
-    ) -> tuple[Any, int]:
-        """Serve ``/metrics``, ``/livez`` and ``/readyz`` (:mod:`edgefed.edge.probes`) on
-        ``addr:port`` (port 0: a free one) in a daemon thread.
-
-        Returns the server (``server.shutdown()`` stops it) and the port really bound.
-        """
-        server, actual = start_probe_server(self.registry, port, addr, readiness)
-        log.info("metrics and probes on http://%s:%d (/metrics, /livez, /readyz)", addr, actual)
-        return server, actual

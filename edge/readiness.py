@@ -6,7 +6,8 @@ is served at the desired version (the reconciler swaps a model into the serving 
 it was verified, loaded and warmed up, so "served" includes "warmed up"). Until then the probe
 answers 503 with the reasons, so that a DaemonSet rollout waits for each node's models (a
 TensorRT engine build on a Jetson takes minutes) and ``kubectl describe pod`` says what is
-missing.
+missing. :class:`~edgefed.common.probes.Readiness`, the probe's answer, is shared with the cloud
+workers and re-exported here.
 
 An agent whose controller has published no desired state for it is ready once connected and
 subscribed: there is nothing more to wait for. A version the agent refused (a bad signature,
@@ -16,25 +17,11 @@ state then shows which nodes lag behind a rollout.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 
+from edgefed.common.probes import Readiness
 
-@dataclass(frozen=True, slots=True)
-class Readiness:
-    """The answer of ``/readyz``: ready, or the reasons why not (in the order they matter)."""
-
-    ready: bool
-    reasons: tuple[str, ...] = ()
-
-    @classmethod
-    def not_ready(cls, *reasons: str) -> Readiness:
-        return cls(ready=False, reasons=reasons)
-
-    def to_json(self) -> bytes:
-        body = {"status": "ready" if self.ready else "unavailable", "reasons": list(self.reasons)}
-        return json.dumps(body).encode()
+__all__ = ["Readiness", "assess"]
 
 
 def assess(

@@ -11,7 +11,7 @@ Artifacts are read from the controller's store (on one machine, or a shared volu
 Kubernetes) and verified with the controller's public key before anything is loaded.
 
 For the autoscaler, every worker publishes its load (:mod:`edgefed.cloud.worker.load`) and
-serves ``/livez``, ``/readyz`` and ``/metrics`` (:mod:`edgefed.cloud.worker.probes`) on
+serves ``/livez``, ``/readyz`` and ``/metrics`` (:mod:`edgefed.common.probes`) on
 ``worker.metrics_port``; the probe server starts before the models load, so a pod reports
 "not ready" rather than nothing while it loads.
 """
@@ -32,10 +32,11 @@ from pathlib import Path
 
 from edgefed.cloud.settings import CloudSettings, WorkerSettings, parse_model_spec
 from edgefed.cloud.worker.load import LoadMeter, gone_will, publish_loads, say_goodbye
-from edgefed.cloud.worker.probes import ProbeServer, WorkerMetrics
+from edgefed.cloud.worker.metrics import WorkerMetrics
 from edgefed.common.artifact import VerifyKey, load_verify_key, verify
 from edgefed.common.errors import ArtifactError, ArtifactRejected, ConfigError, PermanentError
 from edgefed.common.mqtt import Message, MqttClient
+from edgefed.common.probes import ProbeServer, Readiness
 from edgefed.common.rpc import ReplyCache, serve
 from edgefed.common.schemas import (
     Decoded,
@@ -164,30 +165,33 @@ async def run_worker(
     metrics = WorkerMetrics(worker_id, worker.pool)
     client: MqttClient | None = None
 
-    def not_ready() -> str | None:
+    def readiness() -> Readiness:
         if stop.is_set():
-            return "stopping"
+            return Readiness.not_ready("stopping")
         if not state.models:
-            return "loading models"
+            return Readiness.not_ready("loading models")
         if client is None or not client.connected:
-            return "no connection to the broker"
+            return Readiness.not_ready("no connection to the broker")
         if not state.ready.is_set():
-            return "subscribing to the pool's requests"
-        return None
+            return Readiness.not_ready("subscribing to the pool's requests")
+        return Readiness(ready=True)
 
-    def not_live() -> str | None:
+    def liveness() -> Readiness:
         stalled = time.monotonic() - state.loop_tick
-        return f"event loop stalled for {stalled:.0f} s" if stalled > LIVENESS_STALL_S else None
+        if stalled > LIVENESS_STALL_S:
+            return Readiness.not_ready(f"event loop stalled for {stalled:.0f} s")
+        return Readiness(ready=True)
 
     async with AsyncExitStack() as stack:
         stack.enter_context(_ticking(state))
         if worker.metrics_port is not None:
             probes = ProbeServer(
                 metrics.registry,
-                readiness=not_ready,
-                liveness=not_live,
                 host=worker.metrics_host,
                 port=worker.metrics_port,
+                readiness=readiness,
+                liveness=liveness,
+                name="worker-http",
             )
             try:
                 state.metrics_port = probes.start()
@@ -260,7 +264,7 @@ async def run_worker(
         state.ready.set()
 
         def snapshot() -> WorkerLoad:
-            ready = not_ready() is None
+            ready = readiness().ready
             metrics.ready.set(1 if ready else 0)
             depth = sum(batcher.queue_depth().values())
             return meter.report(

@@ -119,7 +119,7 @@ async def test_readyz_follows_the_desired_models_and_the_broker_while_livez_stay
                 # The broker goes away: not ready, still alive, metrics still served.
                 f.cloud.close()
                 await until_readyz(client, 503, "not connected to the cloud broker")
-                assert await probe(client, "/livez") == (200, {"status": "alive"})
+                assert await probe(client, "/livez") == (200, {"status": "alive", "reasons": []})
                 metrics = await client.get("/metrics")
                 assert metrics.status_code == 200
                 assert 'edgefed_agent_model_version{model="tiny-embed"} 1.0' in metrics.text

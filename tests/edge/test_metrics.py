@@ -6,6 +6,7 @@ import urllib.request
 
 from prometheus_client import REGISTRY
 
+from edgefed.common.probes import ProbeServer
 from edgefed.common.schemas import Priority
 from edgefed.edge.metrics import AgentMetrics
 
@@ -57,12 +58,12 @@ def test_each_agent_has_its_own_registry() -> None:
 def test_the_http_endpoint_serves_on_a_free_port() -> None:
     metrics = AgentMetrics("agent-8")
     metrics.request_done("ok", 0.01)
-    server, port = metrics.start_http_server(0, addr="127.0.0.1")
+    server = ProbeServer(metrics.registry, host="127.0.0.1", port=0)
+    port = server.start()
     try:
         assert port > 0
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
             body = resp.read().decode()
         assert 'edgefed_agent_requests_total{outcome="ok"} 1.0' in body
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()

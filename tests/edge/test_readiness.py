@@ -1,16 +1,13 @@
-"""The agent's readiness rule and its HTTP side (/livez, /readyz, /metrics) on a real socket."""
+"""The agent's readiness rule, and its metrics and readiness served together on a real socket."""
 
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 
-import pytest
-
+from edgefed.common.probes import ProbeServer
 from edgefed.edge.metrics import AgentMetrics
 from edgefed.edge.readiness import Readiness, assess
+from tests.test_probes import get
 
 
 def ready_when(**changes: object) -> Readiness:
@@ -75,90 +72,22 @@ def test_the_report_is_json_with_a_status_and_reasons() -> None:
 
 
 # --------------------------------------------------------------------------- HTTP
+# The probe server itself (paths, bodies, failing checks) is tested in tests/test_probes.py.
 
 
-class Switch:
-    """A readiness check the test flips (or makes fail)."""
-
-    def __init__(self) -> None:
-        self.report = Readiness.not_ready("model embed: v2 desired, not loaded yet")
-        self.broken = False
-
-    def __call__(self) -> Readiness:
-        if self.broken:
-            raise RuntimeError("boom")
-        return self.report
-
-
-@pytest.fixture
-def served() -> Iterator[tuple[str, Switch, AgentMetrics]]:
+def test_the_agents_metrics_and_readiness_are_served_on_one_port() -> None:
     metrics = AgentMetrics("agent-7")
-    switch = Switch()
-    server, port = metrics.start_http_server(0, addr="127.0.0.1", readiness=switch)
-    try:
-        yield f"http://127.0.0.1:{port}", switch, metrics
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def get(url: str) -> tuple[int, str, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, resp.headers["Content-Type"], resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers["Content-Type"], exc.read()
-
-
-def test_readyz_answers_503_with_the_reasons_then_200_once_ready(
-    served: tuple[str, Switch, AgentMetrics],
-) -> None:
-    url, switch, _ = served
-    status, content_type, body = get(f"{url}/readyz")
-    assert (status, content_type) == (503, "application/json")
-    assert json.loads(body)["reasons"] == ["model embed: v2 desired, not loaded yet"]
-
-    switch.report = Readiness(ready=True)
-    status, _, body = get(f"{url}/readyz")
-    assert status == 200
-    assert json.loads(body)["status"] == "ready"
-
-
-def test_livez_answers_200_while_the_agent_is_not_ready(
-    served: tuple[str, Switch, AgentMetrics],
-) -> None:
-    url, _, _ = served
-    status, _, body = get(f"{url}/livez")
-    assert status == 200
-    assert json.loads(body) == {"status": "alive"}
-
-
-def test_metrics_keep_being_served_beside_the_probes(
-    served: tuple[str, Switch, AgentMetrics],
-) -> None:
-    url, _, metrics = served
     metrics.request_done("ok", 0.01)
-    status, content_type, body = get(f"{url}/metrics")
+    not_loaded = Readiness.not_ready("model embed: v2 desired, not loaded yet")
+    server = ProbeServer(metrics.registry, host="127.0.0.1", port=0, readiness=lambda: not_loaded)
+    port = server.start()
+    try:
+        status, _, body = get(f"http://127.0.0.1:{port}/readyz")
+        assert (status, json.loads(body)["reasons"]) == (503, list(not_loaded.reasons))
+        status, content_type, body = get(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        server.close()
     assert status == 200
     assert content_type.startswith("text/plain")
     assert 'edgefed_agent_requests_total{outcome="ok"} 1.0' in body.decode()
     assert 'edgefed_agent_info{agent_id="agent-7"} 1.0' in body.decode()
-
-
-def test_a_failing_readiness_check_is_a_503_naming_the_failure(
-    served: tuple[str, Switch, AgentMetrics],
-) -> None:
-    url, switch, _ = served
-    switch.broken = True
-    status, _, body = get(f"{url}/readyz")
-    assert status == 503
-    assert json.loads(body)["reasons"] == ["readiness check failed: RuntimeError"]
-
-
-def test_an_unknown_path_is_a_404_that_lists_the_paths(
-    served: tuple[str, Switch, AgentMetrics],
-) -> None:
-    url, _, _ = served
-    status, _, body = get(f"{url}/ready")
-    assert status == 404
-    assert b"/readyz" in body

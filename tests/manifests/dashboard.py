@@ -93,7 +93,7 @@ def exported_metric_names() -> set[str]:
     from edgefed.cloud.fleet.metrics import RegistryCollector
     from edgefed.cloud.orchestration.service import AutoscaleService
     from edgefed.cloud.registry.models import Base
-    from edgefed.cloud.worker.probes import WorkerMetrics
+    from edgefed.cloud.worker.metrics import WorkerMetrics
     from edgefed.edge.metrics import AgentMetrics
 
     names = _names(AgentMetrics("agent").registry)
