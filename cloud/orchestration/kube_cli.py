@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from edgefed.cloud.orchestration.errors import InvalidKubeInput, KubeConfigError
 
@@ -33,7 +32,7 @@ k8s_app = typer.Typer(
     help="Kubernetes: apply the manifests, scale worker pools, rollout status, agent nodes.",
     no_args_is_help=True,
 )
-out = Console()
+out = Console(soft_wrap=True)  # messages stay whole lines whatever the terminal width
 err = Console(stderr=True)
 
 AGENT_LABEL = "edgefed.io/agent"
@@ -134,7 +133,8 @@ def k8s_apply(
     if not objects:
         raise InvalidKubeInput(f"{source} renders no objects")
     if dry_run:
-        out.print(dump_objects(apply_order(objects)), end="", markup=False, highlight=False)
+        # Raw YAML for a pipe (`| kubectl apply -f -`): never wrapped at the terminal's width.
+        typer.echo(dump_objects(apply_order(objects)), nl=False)
         return
     applied = _with_adapter(lambda kube: kube.apply(objects, force=force_conflicts))
     for obj in applied:
@@ -182,17 +182,12 @@ def k8s_status(
         return [await kube.rollout_status(name) for name in names]
 
     statuses = _with_adapter(work)
-    table = Table("deployment", "desired", "updated", "ready", "available", "status")
+    # One line per Deployment, as `kubectl rollout status` prints: greppable, never wrapped.
     for s in statuses:
-        table.add_row(
-            s.name,
-            str(s.desired),
-            str(s.updated),
-            str(s.ready),
-            str(s.available),
-            s.message,
+        typer.echo(
+            f"{s.name}: {s.message} (desired {s.desired}, updated {s.updated}, "
+            f"ready {s.ready}, available {s.available})"
         )
-    out.print(table)
     if any(s.failed for s in statuses):
         raise typer.Exit(1)
     if not all(s.complete for s in statuses):
