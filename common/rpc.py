@@ -11,12 +11,19 @@ handler's reply, or an :class:`ErrorReply` when the payload is malformed, of an 
 schema version, already past its deadline, or when the handler fails. A failing request never
 stops the responder. Requests are de-duplicated by their id (``request_id`` / ``command_id``):
 a retried or re-delivered request gets the first answer again instead of running twice.
+
+Clocks differ between machines (an edge device an hour off is common), so an absolute
+``deadline`` in a payload is never compared with the responder's clock as it is: the requester
+adds its own wall-clock time as the user property ``sent-at``, and the responder re-bases the
+deadline onto its clock (``its now + deadline - sent-at``) before checking it and before the
+handler sees it. A request without ``sent-at`` (a third-party client) is taken at its word.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections import OrderedDict
@@ -108,6 +115,9 @@ class Requester:
         limit = timeout if timeout is not None else self.default_timeout
         corr = uuid.uuid4().bytes
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        properties = list(user_properties)
+        if not any(key == SENT_AT for key, _ in properties):  # see "Clocks" above
+            properties.append((SENT_AT, repr(time.time())))
         self._waiting[corr] = fut
         try:
             async with asyncio.timeout(limit):
@@ -119,7 +129,7 @@ class Requester:
                     correlation_data=corr,
                     response_topic=self.reply_topic,
                     expiry_s=limit,
-                    user_properties=user_properties,
+                    user_properties=properties,
                     wait=False,
                 )
                 return await fut
@@ -277,6 +287,13 @@ async def serve(
             decoded.message, "command_id", None
         )
         deadline = getattr(decoded.message, "deadline", None)
+        if isinstance(deadline, float | int) and not isinstance(deadline, bool):
+            local = local_deadline(float(deadline), message)
+            if local != deadline:  # the handler and the hops after it use this clock's deadline
+                decoded = Decoded(
+                    decoded.message.model_copy(update={"deadline": local}), decoded.tensors
+                )
+            deadline = local
         if isinstance(deadline, float | int) and time.time() >= deadline:
             await _send(
                 client,
@@ -320,6 +337,25 @@ async def serve(
         await _send(client, message, reply)
 
     await client.subscribe(topic_filter, respond, qos=qos)
+
+
+SENT_AT = "sent-at"
+"""User property of a request: the requester's wall-clock time (Unix seconds) when it sent it."""
+
+
+def local_deadline(deadline: float, message: Message) -> float:
+    """``deadline`` (Unix seconds on the requester's clock) on this machine's clock, using the
+    request's ``sent-at`` (unchanged without one, or with one that is not a finite number)."""
+    sent = message.user_property(SENT_AT)
+    if sent is None:
+        return deadline
+    try:
+        sent_at = float(sent)
+    except ValueError:
+        return deadline
+    if not math.isfinite(sent_at):
+        return deadline
+    return time.time() + (deadline - sent_at)
 
 
 class _ExpiredError(Exception):

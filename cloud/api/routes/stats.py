@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter
@@ -59,6 +59,17 @@ def _number(value: object) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def _moment(value: object) -> datetime | None:
+    if isinstance(value, datetime):
+        return as_utc(value)
+    if isinstance(value, str):
+        try:
+            return as_utc(datetime.fromisoformat(value))
+        except ValueError:
+            return None
+    return None
+
+
 def snapshot(agent: Agent, live: dict[str, Any] | None) -> Snapshot:
     """Merge the registry's row with the live view (the live view wins)."""
     live = live or {}
@@ -67,12 +78,9 @@ def snapshot(agent: Agent, live: dict[str, Any] | None) -> Snapshot:
     status = status or agent.last_status or {}
     heartbeat = heartbeat or agent.last_heartbeat or {}
     state = str(status.get("state") or live.get("state") or agent.state or "unknown")
-    seen = as_utc(agent.last_seen)
-    for ts in (heartbeat.get("ts"), status.get("ts")):
-        number = _number(ts)
-        if number is not None and 0 < number < 1e11:
-            moment = datetime.fromtimestamp(number, UTC)
-            seen = moment if seen is None or moment > seen else seen
+    # When the controller last heard from the agent, on the controller's clock: never the
+    # ``ts`` the agent wrote into its heartbeat (a device's clock can be hours off).
+    seen = _moment(live.get("last_seen")) or as_utc(agent.last_seen)
     raw_models = heartbeat.get("models") or status.get("models") or []
     models = [
         {"name": m.get("name"), "version": m.get("version"), "role": m.get("role", "full")}
