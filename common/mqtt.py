@@ -429,6 +429,13 @@ class MqttClient:
     connection and raise :class:`BrokerUnavailable` or :class:`BrokerAuthError` when it cannot be
     made; with ``False`` entering returns at once and the client keeps trying in the background
     (publishes are queued meanwhile), which is what an edge agent wants when the uplink is down.
+
+    ``clean_start="first"`` discards the session a predecessor with the same client id left on
+    the broker (its queued messages never reach this client), then keeps its own session through
+    later reconnects: for a restarted agent, whose queued requests routers failed over on its
+    last will. The discarding is a separate short connection (clean start, session expiry 0)
+    before the first real one, because mosquitto never writes the session of a clean-start
+    connection to its store: a broker restart would lose it.
     """
 
     def __init__(
@@ -438,7 +445,7 @@ class MqttClient:
         *,
         client_id: str,
         will: Will | None = None,
-        clean_start: bool = False,
+        clean_start: bool | Literal["first"] = False,
         require_connection: bool = True,
         max_queued_outgoing: int = 10_000,
         rng: random.Random | None = None,
@@ -450,6 +457,7 @@ class MqttClient:
         self.client_id = client_id
         self._will = will
         self._clean_start = clean_start
+        self._predecessor_discarded = False
         self._require_connection = require_connection
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._max_queued_outgoing = max_queued_outgoing
@@ -868,6 +876,9 @@ class MqttClient:
     async def _connect_once(self) -> bool:
         """One connection attempt: TCP (+TLS) in a thread, then CONNACK. Returns session_present."""
         assert self._lost is not None
+        if self._clean_start == "first" and not self._predecessor_discarded:
+            await self._discard_predecessor()
+            self._predecessor_discarded = True
         client = self._client()
         loop = self._running_loop()
         self._lost.clear()
@@ -918,6 +929,13 @@ class MqttClient:
             raise BrokerUnavailable(f"the broker refused the connection: {reason}")
         log.debug("mqtt %s connected (session present: %s)", self.client_id, session_present)
         return session_present
+
+    async def _discard_predecessor(self) -> None:
+        """Connect once with clean start and session expiry 0 under our client id, then
+        disconnect: the broker drops the old session and keeps none of this one."""
+        settings = self.settings.model_copy(update={"session_expiry_s": 0})
+        async with MqttClient(self.address, settings, client_id=self.client_id, clean_start=True):
+            log.debug("mqtt %s: discarded the session of a predecessor", self.client_id)
 
     def _blocking_connect(self) -> None:
         """Runs in an executor thread: paho opens the socket (and TLS) and sends CONNECT."""
@@ -1027,7 +1045,7 @@ class MqttClient:
             self.address.host,
             self.address.port,
             keepalive=self.settings.keepalive_s,
-            clean_start=self._clean_start,
+            clean_start=self._clean_start is True,
             properties=connect_props,
         )
         client.on_connect = self._on_connect

@@ -465,6 +465,10 @@ class Agent:
                 ),
                 client_id=cfg.agent_id,
                 will=Will(self.topics.agent_status(cfg.agent_id), offline.to_json()),
+                # A new process starts a clean session: requests queued for its predecessor
+                # were failed over by routers on its last will and answered elsewhere, so
+                # running them now would run them twice. Reconnects keep the session.
+                clean_start="first",
                 require_connection=False,
             )
             cloud.add_connect_hook(lambda _present: self._publish_status())
