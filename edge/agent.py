@@ -242,6 +242,7 @@ class Agent:
             "step": event.step,
             "detail": event.detail,
             "reason": str(event.reason) if event.reason is not None else None,
+            "temporary": event.temporary,
         }
         self._queue_telemetry("model.lifecycle", fields)
 
@@ -417,11 +418,12 @@ class Agent:
                 httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0))
             )
             token = cfg.agent_token
+            limits = cfg.artifact_limits(self.settings.artifact)
             self._fetcher = ArtifactFetcher(
                 client=http,
                 token=token.get_secret_value() if token is not None else None,
                 trusted_keys=self.keys,
-                limits=self.settings.artifact,
+                limits=limits,
             )
             reconciler: Reconciler[OnnxModel] = Reconciler(
                 store=self.store,
@@ -430,7 +432,7 @@ class Agent:
                 fetch=self._fetch,
                 report=self._report,
                 trusted_keys=self.keys,
-                limits=self.settings.artifact,
+                limits=limits,
                 configure=self._configure,
                 placements=self.placements,
             )

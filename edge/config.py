@@ -21,6 +21,7 @@ from pydantic import (
 from edgefed.common.errors import ConfigError
 from edgefed.common.routing import POLICY_NAMES, RouterConfig
 from edgefed.common.schemas import Identifier
+from edgefed.common.settings import ArtifactSettings
 from edgefed.edge.errors import NotJoined
 
 CONFIG_NAME = "agent.json"
@@ -208,6 +209,9 @@ class AgentConfig(BaseModel):
     max_queue: int = Field(default=1024, ge=1)
     """Requests waiting per priority before new ones are refused as overloaded."""
     max_artifact_bytes: int = Field(default=4 * 1024**3, ge=1)
+    """Largest artifact this device accepts (all its files together): a bigger one is refused
+    as ``oversized`` from its signed manifest, before a byte of it is downloaded. It caps the
+    process-wide ``artifact`` settings (see :meth:`artifact_limits`)."""
     outbox_max_messages: int = Field(default=100_000, ge=1)
     """Telemetry and results kept on disk while the cloud is unreachable (oldest dropped)."""
     offload: OffloadConfig = Field(default_factory=OffloadConfig)
@@ -219,6 +223,17 @@ class AgentConfig(BaseModel):
     """Simulation only: after each batch really runs, wait ``(factor - 1) x`` its measured run
     time, so this host answers like a device that many times slower (at or below 1: host
     speed; a device faster than the host cannot be emulated)."""
+
+    def artifact_limits(self, limits: ArtifactSettings) -> ArtifactSettings:
+        """``limits`` with no file and no artifact larger than this device's
+        ``max_artifact_bytes``."""
+        cap = self.max_artifact_bytes
+        return limits.model_copy(
+            update={
+                "max_file_bytes": min(limits.max_file_bytes, cap),
+                "max_total_bytes": min(limits.max_total_bytes, cap),
+            }
+        )
 
     def save(self) -> Path:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

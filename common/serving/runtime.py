@@ -200,6 +200,7 @@ class OnnxModel:
         self._past: dict[str, tuple[str, tuple[int, int]]] = {}
         """past input name -> (present output name, (heads, head_dim))."""
         self._task_output = ""
+        self._check_declared()
         self._check_graph(config)
 
     # ------------------------------------------------------------------ loading
@@ -287,6 +288,33 @@ class OnnxModel:
             (time.perf_counter() - started) * 1000,
         )
         return model
+
+    def _check_declared(self) -> None:
+        """The graph must be what the signed manifest declares (when it declares anything):
+        the same inputs and outputs, element types and shapes. Routers, split partners and the
+        controller plan with the declared shapes; a graph that differs is not this artifact."""
+        what = f"cannot load {self.name} v{self.version}"
+        for kind, declared, args in (
+            ("input", self.manifest.inputs, self.session.get_inputs()),
+            ("output", self.manifest.outputs, self.session.get_outputs()),
+        ):
+            if not declared:
+                continue
+            graph = {arg.name: _graph_spec(arg) for arg in args}
+            wanted = {spec.name: (spec.dtype, tuple(spec.shape)) for spec in declared}
+            for name in sorted(wanted.keys() | graph.keys()):
+                if name not in graph:
+                    problem = "the graph has no such " + kind
+                elif name not in wanted:
+                    problem = "the manifest does not declare it"
+                elif not _same_spec(graph[name], wanted[name]):
+                    problem = (
+                        f"the graph has {_describe_spec(graph[name])}, "
+                        f"the manifest declares {_describe_spec(wanted[name])}"
+                    )
+                else:
+                    continue
+                raise ModelLoadError(f"{what}: {kind} {name!r}: {problem}")
 
     def _check_graph(self, config: Mapping[str, Any]) -> None:
         """Check at load time that this agent can feed the graph and read what it needs."""
@@ -789,6 +817,35 @@ def _max_length(tokenizer_max: int | None, config: Mapping[str, Any]) -> int:
         if v is not None
     ]
     return min(limits) if limits else DEFAULT_MAX_LENGTH
+
+
+_Spec = tuple[str, tuple[int | str | None, ...]]
+"""(numpy dtype name, "" when not one of ``_ORT_DTYPES``; shape) of a graph input or output."""
+
+
+def _graph_spec(arg: Any) -> _Spec:
+    dtype = _ORT_DTYPES.get(arg.type)
+    shape = tuple(d if isinstance(d, int | str) else None for d in (arg.shape or ()))
+    return (dtype.name if dtype is not None else "", shape)
+
+
+def _same_spec(graph: _Spec, declared: _Spec) -> bool:
+    """Same element type (when this runtime knows the graph's), rank and fixed dimensions; a
+    symbolic dimension (any name, or unknown) matches a symbolic one only."""
+    (graph_dtype, graph_shape), (declared_dtype, declared_shape) = graph, declared
+    if graph_dtype and graph_dtype != declared_dtype:
+        return False
+    if len(graph_shape) != len(declared_shape):
+        return False
+    return all(
+        (isinstance(g, int) and g == d) if isinstance(d, int) else not isinstance(g, int)
+        for g, d in zip(graph_shape, declared_shape, strict=True)
+    )
+
+
+def _describe_spec(spec: _Spec) -> str:
+    dtype, shape = spec
+    return f"{dtype} [{', '.join('?' if d is None else str(d) for d in shape)}]"
 
 
 def _labels(config: Mapping[str, Any]) -> dict[int, str]:
