@@ -54,9 +54,13 @@ class AgentRun:
     def agent_id(self) -> str:
         return self.config.agent_id
 
+    log_dir: Path | None = None
+    """Where its log goes (default: beside the state directory)."""
+
     @property
     def log_path(self) -> Path:
-        return self.config.state_dir.parent / f"{self.config.state_dir.name}.log"
+        folder = self.log_dir or self.config.state_dir.parent
+        return folder / f"{self.config.state_dir.name}.log"
 
     def start(self) -> None:
         command = [sys.executable, "-m", "edgefed.cli", "edge", "run", "--state-dir"]
@@ -133,7 +137,7 @@ class EdgeStage:
             update={"enabled": local_port is not None, "port": local_port or 0}
         )
         config.save()
-        agent = AgentRun(AgentConfig.load(state), env=dict(env or {}))
+        agent = AgentRun(AgentConfig.load(state), env=dict(env or {}), log_dir=self.world.root)
         agent.start()
         self.agents.append(agent)
         return agent
