@@ -81,7 +81,7 @@ def open_controller(settings: CloudSettings) -> ControllerState:
         sessions=make_sessionmaker(engine),
         write_sessions=write_sessions,
         signing_key=signing_key,
-        limiter=RateLimiter(ctl.rate_limit_per_minute),
+        limiter=RateLimiter(ctl.rate_limit_per_minute, ctl.rate_limit_burst),
         head_revision=head_revision(),
         artifact_store=store.resolve(),
         admin_token_file=ctl.data_dir / ADMIN_TOKEN_FILE,

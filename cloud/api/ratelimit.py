@@ -1,9 +1,16 @@
 """A token bucket per caller: ``rate_limit_per_minute`` requests a minute on average, bursts up
-to the same number; beyond it 429 with ``Retry-After`` (whole seconds until a request fits).
+to ``rate_limit_burst`` (one minute's worth when unset); beyond it 429 with ``Retry-After``
+(whole seconds until the bucket holds a request again).
 
-Callers are keyed by API token id (``token:7``); requests without a bearer token that are
-limited (agent enrolment) are keyed by client address (``addr:10.0.0.5``). State is in memory
-and per process: a restart forgets it, which only ever lets requests through.
+Callers are keyed by API token id (``token:7``); calls without a valid bearer token (none,
+unknown, expired, revoked, and agent enrolment) are keyed by client address
+(``addr:10.0.0.5``), so rotating made-up tokens buys no fresh budget. Health probes and
+``/metrics`` never reach the limiter (it is applied by the routes' dependencies, not a
+middleware). State is in memory and per process: a restart forgets it, which only ever lets
+requests through; several processes behind one address would each allow the full rate.
+
+Hand-written rather than the ``limits`` package: that offers fixed and moving windows, not a
+bucket that refills continuously, and the Retry-After a bucket gives is exact.
 """
 
 from __future__ import annotations
@@ -29,10 +36,19 @@ class RateLimiter:
     MAX_KEYS = 10_000
     """Buckets kept before full (= idle) ones are dropped."""
 
-    def __init__(self, per_minute: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        per_minute: int,
+        burst: int | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if per_minute < 1:
             raise ValueError("per_minute must be at least 1")
-        self.capacity = float(per_minute)
+        if burst is not None and burst < 1:
+            raise ValueError("burst must be at least 1")
+        self.per_minute = per_minute
+        self.capacity = float(burst if burst is not None else per_minute)
         self.rate = per_minute / 60.0
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
@@ -62,8 +78,8 @@ class RateLimiter:
             raise HTTPException(
                 status_code=status.HTTP_429_TOO_MANY_REQUESTS,
                 detail=(
-                    f"rate limit of {int(self.capacity)} requests per minute exceeded; "
-                    f"retry in {seconds} s"
+                    f"rate limit of {self.per_minute} requests per minute (bursts of "
+                    f"{int(self.capacity)}) exceeded; retry in {seconds} s"
                 ),
                 headers={"Retry-After": str(seconds)},
             )

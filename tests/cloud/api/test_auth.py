@@ -3,98 +3,26 @@
 from __future__ import annotations
 
 import os
-import re
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from fastapi.routing import iter_route_contexts
 from sqlalchemy import update
 
 from edgefed.cloud.api.state import ControllerState
 from edgefed.cloud.registry.db import make_sessionmaker, session_scope
 from edgefed.cloud.registry.models import ApiToken
+from tests.cloud.api.access import (
+    AUTHENTICATED,
+    INVALID_KINDS,
+    KINDS,
+    REQUIRED,
+    allowed,
+    app_routes,
+    fill,
+)
 from tests.cloud.api.conftest import Api, bearer, start_api
-
-PUBLIC = "public"
-AGENT_OR_READER = "agent-or-reader"
-OWN_AGENT_OR_READER = "own-agent-or-reader"
-
-REQUIRED: dict[tuple[str, str], str] = {
-    ("GET", "/openapi.json"): PUBLIC,
-    ("GET", "/docs"): PUBLIC,
-    ("GET", "/docs/oauth2-redirect"): PUBLIC,
-    ("GET", "/redoc"): PUBLIC,
-    ("GET", "/healthz"): PUBLIC,
-    ("GET", "/readyz"): PUBLIC,
-    ("GET", "/metrics"): PUBLIC,
-    ("POST", "/api/v1/agents/join"): PUBLIC,  # the join token in the body is the secret
-    ("POST", "/api/v1/tokens"): "admin",
-    ("GET", "/api/v1/tokens"): "admin",
-    ("DELETE", "/api/v1/tokens/{token_id}"): "admin",
-    ("GET", "/api/v1/audit"): "admin",
-    ("POST", "/api/v1/join-tokens"): "operator",
-    ("GET", "/api/v1/agents"): "reader",
-    ("GET", "/api/v1/agents/{agent_id}"): OWN_AGENT_OR_READER,
-    ("POST", "/api/v1/models"): "operator",
-    ("GET", "/api/v1/models"): "reader",
-    ("GET", "/api/v1/models/{name}"): "reader",
-    ("POST", "/api/v1/models/{name}/versions"): "operator",
-    ("POST", "/api/v1/jobs/compression"): "operator",
-    ("GET", "/api/v1/jobs"): "reader",
-    ("GET", "/api/v1/jobs/{job_id}"): "reader",
-    ("POST", "/api/v1/jobs/{job_id}/cancel"): "operator",
-    ("POST", "/api/v1/federation/runs"): "operator",
-    ("GET", "/api/v1/federation/runs"): "reader",
-    ("GET", "/api/v1/federation/runs/{run_id}"): "reader",
-    ("POST", "/api/v1/federation/runs/{run_id}/stop"): "operator",
-    ("GET", "/api/v1/autoscaler"): "reader",
-    ("GET", "/api/v1/artifacts/{name}/v{version}/{target}/{file:path}"): AGENT_OR_READER,
-    ("POST", "/api/v1/deployments"): "operator",
-    ("GET", "/api/v1/deployments"): "reader",
-    ("GET", "/api/v1/deployments/{deployment_id}"): "reader",
-    ("POST", "/api/v1/deployments/{deployment_id}/abort"): "operator",
-    ("POST", "/api/v1/deployments/{deployment_id}/confirm"): "operator",
-    ("GET", "/api/v1/stats/fleet"): "reader",
-    ("GET", "/api/v1/stats/routing"): "reader",
-    ("POST", "/api/v1/infer"): "reader",
-    ("GET", "/api/v1/infer/targets"): "reader",
-    ("GET", "/api/v1/split/placements"): "reader",
-}
-"""Who may call each route. A route under /api/v1 missing here is only checked for refusing
-callers without a valid token (AUTHENTICATED): declare it here to check its scope."""
-AUTHENTICATED = "authenticated"
-
-RANK = {"reader": 1, "operator": 2, "admin": 3}
-INVALID_KINDS = ("none", "garbage", "revoked", "expired")
-KINDS = (*INVALID_KINDS, "reader", "operator", "admin", "agent-A", "agent-B")
-
-
-def app_routes(api: Api) -> list[tuple[str, str]]:
-    """Every (method, path template) the app answers (HEAD aside)."""
-    out = []
-    for ctx in iter_route_contexts(api.app.routes):
-        for method in sorted(ctx.methods or ()):
-            if method != "HEAD" and ctx.path is not None:
-                out.append((method, ctx.path))
-    return out
-
-
-def allowed(requirement: str, kind: str) -> bool | None:
-    """Whether ``kind`` may call a route needing ``requirement`` (None: not declared)."""
-    if requirement == PUBLIC:
-        return True
-    if kind in INVALID_KINDS:
-        return False
-    if requirement == AUTHENTICATED:
-        return None
-    if kind.startswith("agent-"):
-        return requirement == AGENT_OR_READER or (
-            requirement == OWN_AGENT_OR_READER and kind == "agent-A"
-        )
-    need = "reader" if requirement in (AGENT_OR_READER, OWN_AGENT_OR_READER) else requirement
-    return RANK[kind] >= RANK[need]
 
 
 def expire(api: Api, token_id: int) -> None:
@@ -137,14 +65,14 @@ def test_every_route_against_every_kind_of_token(api: Api) -> None:
         "deployment_id": "2147483000",
         "run_id": "2147483000",
     }
-    routes = app_routes(api)
+    routes = app_routes(api.app)
     assert set(REQUIRED) <= set(routes), "REQUIRED names routes the app does not serve"
     undeclared = [r for r in routes if r not in REQUIRED]
     assert undeclared == [], "declare who may call each new route in REQUIRED"
     problems = []
     for method, template in routes:
         requirement = REQUIRED.get((method, template), AUTHENTICATED)
-        path = re.sub(r"\{(\w+)(:\w+)?\}", lambda m: values[m.group(1)], template)
+        path = fill(template, values)
         for kind in KINDS:
             token = tokens[kind]
             headers = bearer(token) if token is not None else {}
