@@ -42,6 +42,7 @@ import uvicorn
 
 from edgefed.cloud.api.app import create_app
 from edgefed.cloud.api.state import ControllerState
+from edgefed.cloud.brokerauth.files import BrokerAuth, sync_from_registry
 from edgefed.cloud.fleet.desired import DesiredStatePublisher
 from edgefed.cloud.fleet.metrics import RegistryCollector
 from edgefed.cloud.fleet.monitor import FleetMonitor
@@ -93,17 +94,45 @@ def embedded_broker(settings: CloudSettings) -> PrivateBroker:
             port = int(port_file.read_text().strip())
         except ValueError as exc:
             raise ConfigError(f"{port_file} does not hold a port number; remove it") from exc
+    auth = settings.controller.mqtt_auth
+    files: BrokerAuth | None = None
+    if auth.enabled:
+        # The files of the last run are kept until the controller re-renders them from its
+        # registry (a few seconds later): agents that joined before are let in meanwhile.
+        files = BrokerAuth(auth, settings.fleet, data_dir)
+        if not files.password_file.is_file() or not files.acl_file.is_file():
+            files.write([])
     broker = PrivateBroker(
         host=settings.controller.embedded_broker_host,
         port=port,
         data_dir=data_dir,
         persistence=True,
+        password_file=files.password_file if files else None,
+        acl_file=files.acl_file if files else None,
         mosquitto_path=settings.broker.mosquitto_path,
         start_timeout_s=settings.broker.start_timeout_s,
     )
     broker.start()
     port_file.write_text(f"{broker.port}\n")
     return broker
+
+
+def with_broker_auth(settings: CloudSettings, broker: PrivateBroker | None) -> CloudSettings:
+    """With ``mqtt_auth`` on: the embedded broker's pid file as the one to SIGHUP (unless one is
+    configured), and the controller's own broker user unless ``[mqtt]`` names one."""
+    ctl = settings.controller
+    if not ctl.mqtt_auth.enabled:
+        return settings
+    auth = ctl.mqtt_auth
+    if broker is not None and auth.broker_pid_file is None:
+        auth = auth.model_copy(update={"broker_pid_file": broker.pid_file})
+        ctl = ctl.model_copy(update={"mqtt_auth": auth})
+    mqtt = settings.mqtt
+    if mqtt.username is None:
+        files = BrokerAuth(auth, settings.fleet, ctl.data_dir / "broker")
+        user, password = files.controller_credentials()
+        mqtt = mqtt.model_copy(update={"username": user, "password": password})
+    return settings.model_copy(update={"controller": ctl, "mqtt": mqtt})
 
 
 async def _wait_started(server: uvicorn.Server, task: asyncio.Task[None]) -> None:
@@ -209,6 +238,8 @@ async def controller(settings: CloudSettings) -> AsyncIterator[Running]:
             ctl = ctl.model_copy(update={"public_url": url})
             settings = settings.model_copy(update={"controller": ctl})
             state.settings = settings
+        if state.broker_auth is not None:  # before connecting: the files name our own user
+            await asyncio.to_thread(sync_from_registry, state.broker_auth, state.sessions)
         topics = Topics(settings.fleet)
         client = MqttClient.from_settings(
             settings, client_id=f"edgefed-controller-{settings.fleet}"
@@ -329,6 +360,7 @@ def run_forever(
         broker = embedded_broker(settings)
         settings = settings.model_copy(update={"broker_url": broker.url})
         log.info("started a private mosquitto for this controller at %s", broker.url)
+    settings = with_broker_auth(settings, broker)
     try:
         asyncio.run(serve(settings, on_ready=on_ready))
     finally:

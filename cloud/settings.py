@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edgefed.cloud.brokerauth.settings import MqttAuthSettings
 from edgefed.cloud.orchestration.kube_settings import KubernetesSettings
 from edgefed.cloud.orchestration.signals import AutoscalerSettings
 from edgefed.common.devices import UnknownDeviceProfile, load_profile
@@ -171,14 +172,13 @@ class ControllerSettings(BaseModel):
     """PEM private key of ``tls_cert``."""
     embedded_broker_host: str = "127.0.0.1"
     """Address the private mosquitto listens on when no ``broker_url`` is configured."""
+    mqtt_auth: MqttAuthSettings = Field(default_factory=MqttAuthSettings)
+    """Per-agent broker users and the ACL rendered from the registry (``[controller.mqtt_auth]``;
+    off by default: a development broker stays open to anonymous loopback clients)."""
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
     """Largest request body accepted (413 beyond)."""
     rate_limit_per_minute: int = Field(default=600, ge=1)
-    """Sustained requests a minute per API token (per client address for calls without a
-    valid token) before 429 with ``Retry-After``; health probes and ``/metrics`` are exempt."""
-    rate_limit_burst: int | None = Field(default=None, ge=1)
-    """Requests a caller may send at once above the sustained rate (the token bucket's size);
-    one minute's worth (``rate_limit_per_minute``) when unset."""
+    """Requests per token per minute before 429 (with Retry-After)."""
     job_workers: int = Field(default=1, ge=1, le=16)
     """Compression jobs running at once (each in its own process)."""
     rollout_tick_s: float = Field(default=1.0, gt=0)

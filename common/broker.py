@@ -95,7 +95,9 @@ class PrivateBroker:
     """A mosquitto process owned by this process. Use as a context manager.
 
     ``users`` maps user names to passwords (turns anonymous access off); ``acl`` is the text of a
-    mosquitto ACL file. ``kill()`` and ``start()`` again keep the same port, for fault tests.
+    mosquitto ACL file. ``password_file`` and ``acl_file`` instead name files someone else keeps
+    (the controller renders them per agent) and :meth:`reload` makes mosquitto re-read them.
+    ``kill()`` and ``start()`` again keep the same port, for fault tests.
     """
 
     def __init__(
@@ -108,6 +110,8 @@ class PrivateBroker:
         users: Mapping[str, str] | None = None,
         allow_anonymous: bool | None = None,
         acl: str | None = None,
+        password_file: Path | None = None,
+        acl_file: Path | None = None,
         tls: BrokerTls | None = None,
         mosquitto_path: Path | str | None = None,
         start_timeout_s: float = 10.0,
@@ -122,7 +126,17 @@ class PrivateBroker:
         self._data_dir = data_dir
         self.persistence = persistence
         self.users = dict(users or {})
-        self.allow_anonymous = allow_anonymous if allow_anonymous is not None else not self.users
+        if users and password_file is not None:
+            raise ConfigError("give the broker users or a password_file, not both")
+        if acl is not None and acl_file is not None:
+            raise ConfigError("give the broker an acl text or an acl_file, not both")
+        self.password_file = password_file
+        self.acl_file = acl_file
+        self.allow_anonymous = (
+            allow_anonymous
+            if allow_anonymous is not None
+            else not self.users and password_file is None
+        )
         self.acl = acl
         self.tls = tls
         self.start_timeout_s = start_timeout_s
@@ -204,6 +218,11 @@ class PrivateBroker:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads its password and ACL files (connected clients stay)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGHUP)
 
     def close(self) -> None:
         self.stop()
@@ -328,6 +347,10 @@ class PrivateBroker:
                 capture_output=True,
             )
             lines.append(f"password_file {pw}")
+        elif self.password_file is not None:
+            lines.append(f"password_file {self.password_file}")
+        if self.acl_file is not None:
+            lines.append(f"acl_file {self.acl_file}")
         if self.acl is not None:
             acl = d / "acl"
             acl.write_text(self.acl)

@@ -242,6 +242,7 @@ class Agent:
             "step": event.step,
             "detail": event.detail,
             "reason": str(event.reason) if event.reason is not None else None,
+            "temporary": event.temporary,
         }
         self._queue_telemetry("model.lifecycle", fields)
 

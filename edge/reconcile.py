@@ -82,6 +82,9 @@ class ModelEvent:
     bytes_done: int | None = None
     """Download progress (step ``downloading``)."""
     bytes_total: int | None = None
+    temporary: bool = False
+    """A failure a retry may mend (network, disk): the agent tries again by itself, so the
+    controller should wait for it rather than count the version as broken."""
 
 
 class ServableModel(Protocol):
@@ -564,7 +567,8 @@ class Reconciler(Generic[M]):
         if step == "failed" and served is not None and served != desired.version:
             detail += f" (v{served} keeps serving)"
         return _Refused(
-            ModelEvent(desired.name, desired.version, step, detail, reason), temporary=temporary
+            ModelEvent(desired.name, desired.version, step, detail, reason, temporary=temporary),
+            temporary=temporary,
         )
 
     def _failure(self, desired: DesiredModel, exc: BaseException, *, what: str = "") -> _Refused:

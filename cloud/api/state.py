@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from edgefed.cloud.api.ratelimit import RateLimiter
+from edgefed.cloud.brokerauth.files import BrokerAuth
 from edgefed.cloud.settings import CloudSettings, ControllerSettings
 from edgefed.common.artifact import SigningKey
 
@@ -33,3 +35,11 @@ class ControllerState:
     @property
     def controller(self) -> ControllerSettings:
         return self.settings.controller
+
+    @functools.cached_property
+    def broker_auth(self) -> BrokerAuth | None:
+        """The broker's password and ACL files (None: ``mqtt_auth`` is off)."""
+        ctl = self.settings.controller
+        if not ctl.mqtt_auth.enabled:
+            return None
+        return BrokerAuth(ctl.mqtt_auth, self.settings.fleet, ctl.data_dir / "broker")

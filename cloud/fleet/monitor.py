@@ -59,6 +59,8 @@ class LifecycleEvent:
     """downloading, verifying, loading, warming, loaded, failed, rejected, unloaded, restored."""
     detail: str = ""
     reason: str | None = None
+    temporary: bool = False
+    """A failure the agent retries by itself (network, disk): not a verdict on the version."""
     ts: float = 0.0
     """The agent's clock (informative only)."""
     received_at: float = field(default_factory=time.monotonic)
@@ -457,5 +459,6 @@ def _lifecycle(
         step=step,
         detail=detail if isinstance(detail, str) else "",
         reason=reason if isinstance(reason, str) else None,
+        temporary=fields.get("temporary") is True,
         ts=ts,
     )

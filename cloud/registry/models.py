@@ -143,6 +143,8 @@ class Agent(Base):
     """Generation of the last desired state published to this agent (only goes up)."""
     desired_state: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    mqtt_password_hash: Mapped[str | None] = mapped_column(String(160))
+    """mosquitto ``$7$`` hash of the broker password issued at join (None: none issued)."""
 
 
 class JoinToken(Base):

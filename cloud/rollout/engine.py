@@ -20,7 +20,9 @@ States (``Deployment.status``) and what the engine does in each, once per tick
 * **canary** -- the canary set gets the new version in its desired state; the engine waits
   until each canary agent reports it loaded (``model.lifecycle`` telemetry, or the models of
   its status / heartbeat). A ``failed`` or ``rejected`` report fails the gate at once, as do a
-  canary agent offline for longer than ``offline_grace_s`` and ``load_timeout_s`` passing.
+  canary agent offline for longer than ``offline_grace_s`` and ``load_timeout_s`` passing --
+  but not a failure the agent reports as temporary (a download that failed while the
+  controller, which serves the artifacts, was down): the agent retries that by itself.
 * **soaking** -- for ``soak_s`` the gates watch the canary agents' heartbeats: error rate
   (non-``ok`` outcomes over all outcomes, from the growth of the cumulative counters since the
   soak began, over all canary agents, judged from ``min_requests`` requests on), median p50
@@ -292,6 +294,18 @@ class RolloutEngine:
 
     def on_lifecycle(self, event: LifecycleEvent) -> None:
         if event.version is None or event.step not in (*_LOADED_STEPS, *_FAILED_STEPS):
+            return
+        if event.temporary and event.step in _FAILED_STEPS:
+            # The agent retries by itself (e.g. its download failed while this controller, which
+            # serves the artifacts, was down): no verdict on the version; load_timeout_s bounds
+            # the wait.
+            log.info(
+                "%s v%d on %s failed for now, the agent retries: %s",
+                event.model,
+                event.version,
+                event.agent_id,
+                event.detail,
+            )
             return
         key = (event.agent_id, event.model, event.version)
         self._lifecycle[key] = event

@@ -413,6 +413,7 @@ async def test_a_cut_download_fails_temporarily_and_retry_resumes_it(
     await agent.reconciler.apply(desired_state(1, desired_model(stub, v1)))
 
     assert agent.events[-1].step == "failed"
+    assert agent.events[-1].temporary  # the report tells the controller a retry is coming
     assert agent.reconciler.needs_retry
     assert (state_dir / "staging" / "m" / "v1" / "model.onnx").stat().st_size == 1500
     assert agent.serving() == {}
@@ -438,6 +439,7 @@ async def test_a_refused_agent_token_fails_and_the_old_model_keeps_serving(
     event = agent.events[-1]
     assert (event.step, event.version) == ("failed", 2)
     assert "agent token" in event.detail
+    assert not event.temporary
     assert agent.serving() == {"m": 1}
     assert not agent.reconciler.needs_retry
 

@@ -24,6 +24,8 @@ from edgefed.cloud.api.deps import (
 )
 from edgefed.cloud.api.schemas import AgentPublic, ErrorBody, JoinAnswer, JoinRequest
 from edgefed.cloud.api.security import hash_token, new_token, unauthorized
+from edgefed.cloud.brokerauth.files import sync_from_registry
+from edgefed.cloud.brokerauth.passwords import hash_password, new_password
 from edgefed.cloud.registry.db import as_utc
 from edgefed.cloud.registry.models import Agent, ApiToken, JoinToken
 from edgefed.cloud.services import Services
@@ -101,6 +103,9 @@ def join(
         raise unauthorized("the join token has expired")
     agent_id = _free_agent_id(session)
     labels = {**body.labels, **{str(k): str(v) for k, v in row.labels.items()}}
+    # With [controller.mqtt_auth] the agent gets its own broker user (its id) and a password
+    # kept only hashed; the broker's files are re-rendered once the agent is committed.
+    mqtt_password = new_password() if state.broker_auth is not None else None
     session.add(
         Agent(
             id=agent_id,
@@ -110,6 +115,7 @@ def join(
             device_profile=body.device_profile,
             agent_version=body.agent_version,
             state="unknown",
+            mqtt_password_hash=hash_password(mqtt_password) if mqtt_password else None,
         )
     )
     session.flush()
@@ -132,13 +138,15 @@ def join(
     audit.resource = f"agent:{agent_id}"
     audit.detail = {"hostname": body.hostname, "labels": labels}
     session.commit()
+    if state.broker_auth is not None:
+        sync_from_registry(state.broker_auth, state.sessions)
     log.info("agent %s joined (host %s, labels %s)", agent_id, body.hostname, labels)
     return JoinAnswer(
         agent_id=agent_id,
         fleet=state.settings.fleet,
         broker_url=broker_url,
-        mqtt_username=None,
-        mqtt_password=None,
+        mqtt_username=agent_id if mqtt_password else None,
+        mqtt_password=mqtt_password,
         agent_token=secret,
         artifact_signing_keys=[state.signing_key.verify_key.to_base64()],
         labels=labels,
