@@ -178,7 +178,11 @@ class ControllerSettings(BaseModel):
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
     """Largest request body accepted (413 beyond)."""
     rate_limit_per_minute: int = Field(default=600, ge=1)
-    """Requests per token per minute before 429 (with Retry-After)."""
+    """Sustained requests a minute per API token (per client address for calls without a
+    valid token) before 429 with ``Retry-After``; health probes and ``/metrics`` are exempt."""
+    rate_limit_burst: int | None = Field(default=None, ge=1)
+    """Requests a caller may send at once above the sustained rate (the token bucket's size);
+    one minute's worth (``rate_limit_per_minute``) when unset."""
     job_workers: int = Field(default=1, ge=1, le=16)
     """Compression jobs running at once (each in its own process)."""
     rollout_tick_s: float = Field(default=1.0, gt=0)
