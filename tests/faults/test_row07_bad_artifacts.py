@@ -16,9 +16,9 @@ def test_every_bad_artifact_is_refused_with_its_reason_and_the_old_model_keeps_s
 
     figures = result.figures
     assert figures["bad_artifacts"] == len(row07.BAD)
-    assert figures["rejected_pct"] == 100.0, result.notes
-    assert figures["specific_reason_pct"] == 100.0, result.notes
-    assert figures["old_model_served_pct"] == 100.0, result.notes
-    assert figures["false_rejects"] == 0, result.notes
-    assert figures["escaped_files"] == 0, result.notes
-    assert result.held, result.notes
+    assert figures["rejected_pct"] == 100.0, "\n".join(result.notes)
+    assert figures["specific_reason_pct"] == 100.0, "\n".join(result.notes)
+    assert figures["old_model_served_pct"] == 100.0, "\n".join(result.notes)
+    assert figures["false_rejects"] == 0, "\n".join(result.notes)
+    assert figures["escaped_files"] == 0, "\n".join(result.notes)
+    assert result.held, "\n".join(result.notes)

@@ -27,7 +27,7 @@ def test_robust_strategies_stay_near_the_clean_baseline_under_every_attack(
             attacked = figures[f"{name}_{attack}"]
             assert isinstance(attacked, float), (name, attack, result.notes)
             assert attacked >= baseline - row10.TOLERANCE, (name, attack, attacked, baseline)
-    assert result.held, result.notes
+    assert result.held, "\n".join(result.notes)
 
 
 def test_the_update_attacks_do_hurt_fedavg(result: DrillResult) -> None:

@@ -14,9 +14,11 @@ def test_bad_updates_are_rejected_before_aggregation_and_the_model_stays_finite(
     result = row11_bad_fl_updates.run(tmp_path)
 
     figures = result.figures
-    assert figures["bad_updates"] == 2 * 2 * len(row11_bad_fl_updates.KINDS), result.notes
-    assert figures["rejected_pct"] == 100.0, result.notes
-    assert figures["wrong_reason"] == 0, result.notes
-    assert figures["false_rejects"] == 0, result.notes
-    assert figures["finite"] == "yes", result.notes
+    assert figures["bad_updates"] == 2 * 2 * len(row11_bad_fl_updates.KINDS), "\n".join(
+        result.notes
+    )
+    assert figures["rejected_pct"] == 100.0, "\n".join(result.notes)
+    assert figures["wrong_reason"] == 0, "\n".join(result.notes)
+    assert figures["false_rejects"] == 0, "\n".join(result.notes)
+    assert figures["finite"] == "yes", "\n".join(result.notes)
     assert result.held
