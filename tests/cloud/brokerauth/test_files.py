@@ -5,6 +5,7 @@ SIGHUP lets a newly rendered agent in, and malformed input is refused with a cle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,6 +18,7 @@ from edgefed.cloud.brokerauth.passwords import hash_password, new_password, veri
 from edgefed.cloud.brokerauth.settings import MqttAuthSettings
 from edgefed.common.broker import PrivateBroker
 from edgefed.common.errors import BrokerAuthError, ConfigError
+from edgefed.common.mqtt import Message
 from edgefed.common.topics import Topics
 from tests.faults.drills.secured_fleet import mqtt_client
 
@@ -99,3 +101,67 @@ def test_bad_input_is_refused_with_a_clear_error(tmp_path: Path) -> None:
         verify_password("x", "$6$abc")
     with pytest.raises(ConfigError, match="not both"):
         PrivateBroker(users={"u": "p"}, password_file=tmp_path / "passwd")
+
+
+def test_every_role_can_do_its_job_under_the_rendered_acl(tmp_path: Path) -> None:
+    """The ACL must not be too strict either: an agent's request reaches a pool's worker
+    through the shared subscription and the reply comes back; the controller's desired state
+    reaches the agent and the agent's heartbeat the controller; the worker reports its load."""
+    auth = auth_in(tmp_path / "files")
+    topics = Topics("f1")
+    a_pw = new_password()
+    auth.write([("a1", hash_password(a_pw))])
+    ctl_user, ctl_pw = auth.controller_credentials()
+    wrk_user, wrk_pw = auth.worker_credentials()
+
+    async def scenario(url: str) -> set[str]:
+        got: set[str] = set()
+        done = asyncio.Event()
+        want = {"worker<-request", "agent<-reply", "agent<-desired", "controller<-heartbeat"}
+        want.add("controller<-load")
+
+        def note(what: str) -> None:
+            got.add(what)
+            if got >= want:
+                done.set()
+
+        async with (
+            mqtt_client(url, "a1", "a1", a_pw) as agent,
+            mqtt_client(url, "w1", wrk_user, wrk_pw.get_secret_value()) as worker,
+            mqtt_client(url, "ctl", ctl_user, ctl_pw.get_secret_value()) as controller,
+        ):
+
+            async def on_request(message: Message) -> None:
+                note("worker<-request")
+                await worker.publish(topics.replies("a1"), b"answer", qos=1)
+
+            async def on_reply(message: Message) -> None:
+                note("agent<-reply")
+
+            async def on_desired(message: Message) -> None:
+                note("agent<-desired")
+
+            async def on_heartbeat(message: Message) -> None:
+                note("controller<-heartbeat")
+
+            async def on_load(message: Message) -> None:
+                note("controller<-load")
+
+            await worker.subscribe(topics.worker_infer_shared("p"), on_request)
+            await agent.subscribe(topics.replies("a1"), on_reply)
+            await agent.subscribe(topics.desired("a1"), on_desired)
+            await controller.subscribe(topics.all_heartbeats(), on_heartbeat)
+            await controller.subscribe(topics.all_worker_load(), on_load)
+            await agent.publish(topics.worker_infer("p"), b"request", qos=1)
+            await agent.publish(topics.heartbeat("a1"), b"beat", qos=1)
+            await controller.publish(topics.desired("a1"), b"desired", qos=1)
+            await worker.publish(topics.worker_load("p", "w1"), b"load", qos=1)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    await done.wait()
+        return want - got
+
+    with PrivateBroker(
+        data_dir=tmp_path / "broker", password_file=auth.password_file, acl_file=auth.acl_file
+    ) as broker:
+        assert asyncio.run(scenario(broker.url)) == set()
