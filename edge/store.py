@@ -332,7 +332,12 @@ class ModelStore:
                 return
             self._data.generation = generation
             self._data.generation_digest = digest
-            self._save()
+            try:
+                self._save()
+            except OSError as exc:  # a full disk must not stop the agent serving
+                # Kept in memory and written with the next change; a restart before then
+                # applies this generation again, which installs nothing new.
+                log.warning("cannot record generation %d on disk: %s", generation, exc)
 
     # ------------------------------------------------------------------ internals
 

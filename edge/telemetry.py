@@ -3,7 +3,8 @@ on-disk outbox that keeps telemetry while the cloud is unreachable and delivers 
 
 The outbox is a SQLite file in the state directory (``outbox.sqlite``, WAL journal): a message
 is deleted only after the cloud broker acknowledged it (QoS 1 PUBACK), so a crash or a cut
-uplink loses nothing but what exceeds the bound (the oldest messages go first, counted).
+uplink loses nothing but what exceeds the bound (the oldest messages go first, counted) or what
+a full disk refuses (dropped, counted: telemetry never stops the agent serving).
 """
 
 from __future__ import annotations
@@ -99,19 +100,28 @@ class Outbox:
         self._changed = asyncio.Event()
 
     def put(self, topic: str, payload: bytes, content_type: str | None = None) -> None:
-        with self._db:
-            self._db.execute(
-                "INSERT INTO outbox (topic, payload, content_type, created) VALUES (?, ?, ?, ?)",
-                (topic, payload, content_type, time.time()),
-            )
-            excess = len(self) - self.max_messages
-            if excess > 0:
+        """Queue a message. A disk that refuses the write (full) drops this message, counted
+        and logged: telemetry must never stop the agent serving."""
+        try:
+            with self._db:
                 self._db.execute(
-                    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)",
-                    (excess,),
+                    "INSERT INTO outbox (topic, payload, content_type, created) "
+                    "VALUES (?, ?, ?, ?)",
+                    (topic, payload, content_type, time.time()),
                 )
-                self.dropped += excess
-                log.warning("outbox full: dropped the %d oldest messages", excess)
+                excess = len(self) - self.max_messages
+                if excess > 0:
+                    self._db.execute(
+                        "DELETE FROM outbox WHERE id IN "
+                        "(SELECT id FROM outbox ORDER BY id LIMIT ?)",
+                        (excess,),
+                    )
+                    self.dropped += excess
+                    log.warning("outbox full: dropped the %d oldest messages", excess)
+        except sqlite3.OperationalError as exc:  # "database or disk is full", I/O errors
+            self.dropped += 1
+            log.warning("outbox %s refused a message for %s (%s): dropped", self.path, topic, exc)
+            return
         self._changed.set()
 
     def peek(self, limit: int = 100) -> list[OutboxMessage]:

@@ -8,10 +8,13 @@ version (4.9 MB, its ``model.onnx`` alone 4 MB) then hits ENOSPC part-way throug
 Must hold: the download fails cleanly (a ``failed`` lifecycle event that names the full disk,
 the agent process alive), v1 keeps answering requests throughout, and the partial download's
 space is given back (the staging folder of the new version gone, the free space back to what it
-was before the download).
+was before the download). Then another file fills the disk to the last byte while the agent
+retries: the agent survives it and keeps serving (its telemetry and its store's generation
+record cannot be written meanwhile); in the bench (``full``) the disk is then given room and
+the retry must bring the new version in.
 
 Figures: ``serving`` (yes), ``requests_failed`` during the drill, ``reclaimed`` (yes),
-``free_kib_before`` / ``free_kib_after``.
+``free_kib_before`` / ``free_kib_after``, ``survived_full_disk``, ``recovered`` (bench only).
 """
 
 from __future__ import annotations
@@ -63,7 +66,6 @@ def _used(path: Path) -> int:
 
 
 def run(workdir: Path, *, full: bool = False) -> DrillResult:
-    del full  # the same drill either way: one download into a full disk
     disk = workdir / "agent-disk"
     disk.mkdir(parents=True)
     _mount(disk, "64m")
@@ -84,18 +86,13 @@ def run(workdir: Path, *, full: bool = False) -> DrillResult:
             notes.append(f"agent disk shrunk to {size_kib} KiB, {free_before // 1024} KiB free")
             new, _dep = stage.deploy_nowait()
             staged = disk / "state" / "staging" / MODEL / f"v{new}"
-            ok = failed = 0
+            requests = _Requests(cloud, agent.agent_id, old, notes)
             failure: str | None = None
             reclaimed = False
             free_after = 0
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
-                version, outcome = cloud.infer(agent.agent_id, timeout=5)
-                if version == old:
-                    ok += 1
-                else:
-                    failed += 1
-                    notes.append(f"a request during the download got {version} ({outcome})")
+                requests.one()
                 if failure is None:
                     failure = _failure(cloud, agent.agent_id, new)
                 elif not staged.exists() and _free(disk) >= free_before - SLACK:
@@ -103,27 +100,98 @@ def run(workdir: Path, *, full: bool = False) -> DrillResult:
                     reclaimed = True
                     break
                 time.sleep(0.2)
-            serving_now = cloud.infer(agent.agent_id, timeout=5)[0]
+            # Phase 2: something else fills the disk to the last byte while the agent retries
+            # (a log, another program): the agent keeps serving, and once there is room (the
+            # filler gone, the disk grown) its retry brings the new version in.
+            failures_logged = _count_failures(agent.log_path, new)
+            filler = _fill(disk / "filler")
+            retried = False
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline and agent.alive():
+                requests.one()
+                if _count_failures(agent.log_path, new) > failures_logged:
+                    retried = True
+                    for _ in range(5):  # and a little longer on the full disk
+                        requests.one()
+                        time.sleep(0.2)
+                    break
+                time.sleep(0.2)
             alive = agent.alive()
+            filler.unlink()
+            _mount(disk, "64m", remount=True)  # room for the new version at last
+            recovered = False
+            # The retry backs off (2 s doubling to 60 s): the bench waits for it, the test not.
+            deadline = time.monotonic() + (90 if full else 0)
+            while alive and time.monotonic() < deadline:
+                version, _ = cloud.infer(agent.agent_id, timeout=5)
+                if version == new:
+                    recovered = True
+                    break
+                time.sleep(0.5)
+            serving_now = cloud.infer(agent.agent_id, timeout=5)[0]
+            alive = alive and agent.alive()
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True, check=False)
     if failure is None:
         notes.append(f"no failed event for v{new} within 60 s")
     else:
         notes.append(f"v{new}: {failure}")
+    if not retried:
+        notes.append("the agent did not retry on the disk filled by another file within 40 s")
+    if not alive:
+        notes.append(f"the agent process died: {agent.log_tail(1500)}")
     full_disk = failure is not None and "space" in failure.lower()
-    serving = serving_now == old and failed == 0
+    serving = requests.failed == 0 and serving_now in (old, new)
     figures: dict[str, int | float | str | bool] = {
         "serving": "yes" if serving else "no",
-        "requests_ok": ok,
-        "requests_failed": failed,
+        "requests_ok": requests.ok,
+        "requests_failed": requests.failed,
         "failed_cleanly": full_disk and alive,
         "reclaimed": "yes" if reclaimed else "no",
         "free_kib_before": free_before // 1024,
         "free_kib_after": free_after // 1024,
+        "survived_full_disk": retried and alive,
+        "recovered": ("yes" if recovered else "no") if full else "not measured",
     }
-    held = serving and full_disk and alive and reclaimed
+    held = serving and full_disk and alive and reclaimed and retried and (recovered or not full)
     return DrillResult(ROW, figures, held=held, notes=notes)
+
+
+class _Requests:
+    """Requests to the agent from the cloud, counted: each must be answered by ``old``."""
+
+    def __init__(self, cloud: MqttSide, agent_id: str, old: int, notes: list[str]) -> None:
+        self.cloud, self.agent_id, self.old, self.notes = cloud, agent_id, old, notes
+        self.ok = self.failed = 0
+
+    def one(self) -> None:
+        version, outcome = self.cloud.infer(self.agent_id, timeout=5)
+        if version == self.old:
+            self.ok += 1
+        else:
+            self.failed += 1
+            self.notes.append(f"a request on the full disk got {version} ({outcome})")
+
+
+def _fill(path: Path) -> Path:
+    """Write ``path`` until the disk refuses (ENOSPC): another program filling the disk."""
+    chunk = b"\0" * 65536
+    with path.open("wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(chunk)
+        except OSError:
+            pass
+    return path
+
+
+def _count_failures(log_path: Path, version: int) -> int:
+    """How many failures of ``version`` the agent has logged (its retries)."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return 0
+    return text.count(f"v{version}: failed")
 
 
 def _failure(cloud: MqttSide, agent_id: str, version: int) -> str | None:
