@@ -31,8 +31,11 @@ failure must name):
   (``oversized``, before any byte of it is downloaded);
 * ``untrusted_signer``: signed by a key the agent does not trust (``untrusted-signer``);
 * ``extra_unsigned_file``: a file added and listed in ``manifest.json`` without signing again
-  (``bad-signature``). A file on the server that the manifest does not list is never
-  downloaded at all (the agent fetches listed files only).
+  (``bad-signature``).
+
+The good artifacts: v1, one after every bad one (full run only), and last one with a file
+beside it on the server that its manifest does not list (it must load, and that file must never
+reach the device: the agent fetches listed files only).
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ MUST_HOLD = "each refused with its specific reason; the old model keeps serving;
 MODEL = "tiny-embed"
 TARGET = "x86-avx2"
 ESCAPE_NAME = "escape.txt"
+UNLISTED_NAME = "postinstall.sh"
 WAIT_S = 60.0
 """Most seconds to wait for the agent's verdict on one artifact (a deadline, not a figure)."""
 
@@ -463,17 +467,20 @@ async def _drill(workdir: Path, broker: PrivateBroker, kit: Kit, full: bool) -> 
                         good_verdicts.append((version, str(after.get("step"))))
                         if after.get("step") == "loaded":
                             serving = version
-                if not full:
-                    version += 1
-                    good(kit, stage.artifact_dir(version), version)
-                    last = await stage.offer(version)
-                    good_verdicts.append((version, str(last.get("step"))))
-                    if last.get("step") == "loaded":
-                        serving = version
+                # Last, a good artifact with a file beside it on the server that its manifest
+                # does not list: loaded, and the file never reaches the device.
+                version += 1
+                good(kit, stage.artifact_dir(version), version)
+                (stage.artifact_dir(version) / UNLISTED_NAME).write_bytes(b"#!/bin/sh\n")
+                last = await stage.offer(version)
+                good_verdicts.append((version, str(last.get("step"))))
+                if last.get("step") == "loaded":
+                    serving = version
                 final_served = await stage.served_version()
             finally:
                 _stop(proc)
-    return _result(verdicts, good_verdicts, serving, final_served, _escaped(workdir, stub.store))
+    escaped = _escaped(workdir, stub.store) + list(config.state_dir.rglob(UNLISTED_NAME))
+    return _result(verdicts, good_verdicts, serving, final_served, escaped)
 
 
 def _matches(case: Case, verdict: Verdict) -> bool:
@@ -518,7 +525,7 @@ def _result(
         for v in verdicts
     ]
     notes.extend(f"good v{version}: {step}" for version, step in false_rejects)
-    notes.extend(f"written outside the download folder: {p}" for p in escaped)
+    notes.extend(f"written outside the download folder or unlisted: {p}" for p in escaped)
     held = (
         bool(verdicts)
         and len(specific) == len(verdicts)
