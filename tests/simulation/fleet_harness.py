@@ -5,7 +5,9 @@ signalled or killed. argv = root directory."""
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -21,4 +23,6 @@ async def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
+    # SIGUSR1 dumps every thread's stack to stderr (the test's harness.log) when a stop hangs.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     asyncio.run(main(Path(sys.argv[1])))

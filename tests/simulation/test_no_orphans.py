@@ -59,7 +59,17 @@ def test_no_fleet_process_survives_the_harness(tmp_path: Path, sig: signal.Signa
     assert all(alive(p) for p in pids)
 
     proc.send_signal(sig)
-    proc.wait(150)  # a graceful stop of the whole fleet, on a loaded 2-core machine
+    try:
+        proc.wait(150)  # a graceful stop of the whole fleet, on a loaded 2-core machine
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # the harness dumps its threads' stacks to its log
+        time.sleep(2)
+        proc.kill()
+        for pid in pids:
+            if alive(pid):
+                psutil.Process(pid).kill()
+        log = (tmp_path / "harness.log").read_text()
+        pytest.fail(f"the harness did not exit 150 s after {sig.name}; its log:\n{log[-6000:]}")
 
     left = wait_all_gone(pids)
     for pid in left:  # do not leak them into the rest of the suite, then fail
