@@ -208,6 +208,7 @@ async def controller(settings: CloudSettings) -> AsyncIterator[Running]:
 
     ``controller.port = 0`` binds a free port (``Running.url`` says which).
     """
+    settings = with_broker_auth(settings, None)  # the controller's own broker user, if any
     ctl = settings.controller
     app = create_app(settings)
     config = uvicorn.Config(
