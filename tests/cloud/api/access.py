@@ -6,13 +6,22 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
+from sqlalchemy import Engine, update
+
+from edgefed.cloud.registry.db import make_sessionmaker, session_scope
+from edgefed.cloud.registry.models import Agent
+from edgefed.common.schemas import DesiredModel, DesiredState
 
 PUBLIC = "public"
-AGENT_OR_READER = "agent-or-reader"
+OWN_ARTIFACT_OR_READER = "own-artifact-or-reader"
+"""Readers, and agents whose desired state names the artifact (agent A's names the one in
+:data:`PATH_VALUES`, agent B's nothing)."""
 OWN_AGENT_OR_READER = "own-agent-or-reader"
+"""Readers, and the agent's own token (the paths name agent A)."""
 
 REQUIRED: dict[tuple[str, str], str] = {
     ("GET", "/openapi.json"): PUBLIC,
@@ -43,7 +52,7 @@ REQUIRED: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/federation/runs/{run_id}"): "reader",
     ("POST", "/api/v1/federation/runs/{run_id}/stop"): "operator",
     ("GET", "/api/v1/autoscaler"): "reader",
-    ("GET", "/api/v1/artifacts/{name}/v{version}/{target}/{file:path}"): AGENT_OR_READER,
+    ("GET", "/api/v1/artifacts/{name}/v{version}/{target}/{file:path}"): OWN_ARTIFACT_OR_READER,
     ("POST", "/api/v1/deployments"): "operator",
     ("GET", "/api/v1/deployments"): "reader",
     ("GET", "/api/v1/deployments/{deployment_id}"): "reader",
@@ -83,13 +92,45 @@ def allowed(requirement: str, kind: str) -> bool | None:
     if requirement == AUTHENTICATED:
         return None
     if kind.startswith("agent-"):
-        return requirement == AGENT_OR_READER or (
-            requirement == OWN_AGENT_OR_READER and kind == "agent-A"
-        )
-    need = "reader" if requirement in (AGENT_OR_READER, OWN_AGENT_OR_READER) else requirement
+        return kind == "agent-A" and requirement in (OWN_ARTIFACT_OR_READER, OWN_AGENT_OR_READER)
+    need = "reader" if requirement in (OWN_ARTIFACT_OR_READER, OWN_AGENT_OR_READER) else requirement
     return RANK[kind] >= RANK[need]
 
 
 def fill(template: str, values: Mapping[str, str]) -> str:
     """A concrete path of a route template (``{name}`` and ``{file:path}`` replaced)."""
     return re.sub(r"\{(\w+)(:\w+)?\}", lambda m: values[m.group(1)], template)
+
+
+Artifact = tuple[str, int, str]
+"""(name, version, target)."""
+
+
+ARTIFACT: Artifact = ("nomodel", 1, "x86-avx2")
+"""The artifact the route matrix asks for (never published: a caller let through gets 404)."""
+
+
+def desired_state_naming(agent_id: str, *artifacts: Artifact) -> dict[str, Any]:
+    """A stored desired state (``Agent.desired_state``) naming ``artifacts``, as the rollout
+    engine records it before publishing."""
+    models = [
+        DesiredModel(
+            name=name,
+            version=version,
+            artifact_url=f"http://controller.invalid/api/v1/artifacts/{name}/v{version}/{target}",
+            manifest_sha256="0" * 64,
+        )
+        for name, version, target in artifacts
+    ]
+    return DesiredState(agent_id=agent_id, generation=1, models=models).model_dump(mode="json")
+
+
+def assign_artifacts(engine: Engine, agent_id: str, *artifacts: Artifact) -> None:
+    """Record a desired state naming ``artifacts`` for ``agent_id`` in the registry (what a
+    deployment does first), without a rollout: the download route only reads the registry."""
+    with session_scope(make_sessionmaker(engine, immediate=True)) as session:
+        session.execute(
+            update(Agent)
+            .where(Agent.id == agent_id)
+            .values(desired_state=desired_state_naming(agent_id, *artifacts), desired_generation=1)
+        )

@@ -14,12 +14,14 @@ from edgefed.cloud.api.state import ControllerState
 from edgefed.cloud.registry.db import make_sessionmaker, session_scope
 from edgefed.cloud.registry.models import ApiToken
 from tests.cloud.api.access import (
+    ARTIFACT,
     AUTHENTICATED,
     INVALID_KINDS,
     KINDS,
     REQUIRED,
     allowed,
     app_routes,
+    assign_artifacts,
     fill,
 )
 from tests.cloud.api.conftest import Api, bearer, start_api
@@ -39,6 +41,9 @@ def expire(api: Api, token_id: int) -> None:
 def test_every_route_against_every_kind_of_token(api: Api) -> None:
     agent_a, token_a = api.enrol("a")
     _agent_b, token_b = api.enrol("b")
+    state = api.app.state.controller
+    assert isinstance(state, ControllerState)
+    assign_artifacts(state.engine, agent_a, ARTIFACT)
     revoked_id, revoked = api.token("admin", name="to-revoke")
     assert api.client.delete(f"/api/v1/tokens/{revoked_id}", headers=api.admin).status_code == 200
     expired_id, expired = api.token("admin", name="to-expire")

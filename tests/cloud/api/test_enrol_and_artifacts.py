@@ -25,8 +25,9 @@ from edgefed.common.artifact import MANIFEST_NAME, SIGNATURE_NAME, load_signing_
 from edgefed.common.settings import ArtifactSettings
 from edgefed.edge.config import AgentConfig
 from edgefed.edge.errors import JoinRefused
-from edgefed.edge.fetch import ArtifactFetcher, ArtifactNotFound
+from edgefed.edge.fetch import ArtifactAccessDenied, ArtifactFetcher, ArtifactNotFound
 from edgefed.edge.join import join
+from tests.cloud.api.access import assign_artifacts
 from tests.cloud.api.conftest import Served
 from tests.edge.tiny_artifacts import TinyArtifacts, build_tiny_artifacts, resign
 
@@ -87,18 +88,25 @@ def registered(served: Served, tiny: TinyArtifacts) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def agent(served: Served, tmp_path_factory: pytest.TempPathFactory) -> AgentConfig:
-    """An agent enrolled with the real join client."""
+    """An agent enrolled with the real join client, its desired state naming ``MODEL`` v1 and
+    v9 (never published) for ``TARGET``: an agent token downloads only those."""
     with served.client() as client:
         r = client.post("/api/v1/join-tokens", json={"labels": {"site": "lab"}})
         assert r.status_code == 201
         token = r.json()["token"]
-    return join(
+    config = join(
         served.url,
         token,
         tmp_path_factory.mktemp("agent-state"),
         labels={"arch": "x86_64", "site": "mine"},
         device_profile="x86-avx2",
     )
+    engine = make_engine(served.settings.controller.resolved_database_url)
+    try:
+        assign_artifacts(engine, config.agent_id, (MODEL, 1, TARGET), (MODEL, 9, TARGET))
+    finally:
+        engine.dispose()
+    return config
 
 
 # --------------------------------------------------------------------------- enrolment
@@ -350,3 +358,46 @@ def test_the_edge_fetcher_downloads_and_verifies_from_the_controller(
     asyncio.run(fetch())
     folder = store(served) / MODEL / "v1" / TARGET
     assert (tmp_path / "staged" / "model.onnx").read_bytes() == (folder / "model.onnx").read_bytes()
+
+
+def test_an_agent_downloads_only_what_its_desired_state_names(
+    served: Served, registered: dict[str, Any], agent: AgentConfig, tmp_path: Path
+) -> None:
+    (artifact,) = registered["artifacts"]
+    with served.client() as client:
+        r = client.post("/api/v1/join-tokens", json={})
+        assert r.status_code == 201
+        other = join(served.url, r.json()["token"], tmp_path / "other-state")
+    assert other.agent_token is not None
+    token = other.agent_token.get_secret_value()
+    base = f"/api/v1/artifacts/{MODEL}/v1/{TARGET}"
+
+    async def fetch() -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+            fetcher = ArtifactFetcher(client, token, [], ArtifactSettings())
+            with pytest.raises(ArtifactAccessDenied):
+                await fetcher(artifact["url"], tmp_path / "staged", min_version=1)
+
+    # Published, and another agent's desired state names it: still not this agent's.
+    asyncio.run(fetch())
+    with served.client(token) as client:
+        for file in (MANIFEST_NAME, SIGNATURE_NAME, "model.onnx"):
+            r = client.get(f"{base}/{file}", headers={"Range": "bytes=0-"})
+            assert r.status_code == 403
+            assert f"{other.agent_id}'s names no {MODEL} v1" in r.json()["detail"]
+    assert not (tmp_path / "staged" / "model.onnx").exists()
+    # Once its own desired state names the artifact (what a deployment records first), it may.
+    engine = make_engine(served.settings.controller.resolved_database_url)
+    try:
+        assign_artifacts(engine, other.agent_id, (MODEL, 1, TARGET))
+    finally:
+        engine.dispose()
+    with served.client(token) as client:
+        assert client.get(f"{base}/{MANIFEST_NAME}").status_code == 200
+        assert client.get(f"/api/v1/artifacts/{MODEL}/v2/{TARGET}/model.onnx").status_code == 403
+    # Readers download any artifact.
+    with served.client() as admin:
+        r = admin.post("/api/v1/tokens", json={"name": "dl", "scopes": ["reader"]})
+        assert r.status_code == 201
+    with served.client(r.json()["token"]) as client:
+        assert client.get(f"{base}/{MANIFEST_NAME}").status_code == 200

@@ -9,6 +9,10 @@ as a problem, so a new route cannot slip past this drill unexamined.
 
 Counted:
 
+Agent A's desired state names the artifact the matrix downloads (recorded in the registry, as
+a deployment does first); agent B downloading it, or reading agent A, is "another agent's
+token".
+
 * ``bypasses``: a caller that must be refused got anything but 401/403 (in the schemathesis
   run: a 2xx, as a generated path may match no route and be a plain 404);
 * ``5xx``: any server error, in the matrix or the schemathesis run;
@@ -32,14 +36,17 @@ from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 
 from edgefed.cloud.api.app import create_app
+from edgefed.cloud.registry.db import make_engine
 from edgefed.cloud.settings import CloudSettings
 from tests.cloud.api.access import (
+    ARTIFACT,
     AUTHENTICATED,
     INVALID_KINDS,
     KINDS,
     REQUIRED,
     allowed,
     app_routes,
+    assign_artifacts,
     fill,
 )
 from tests.faults.drills import DrillResult
@@ -71,6 +78,12 @@ def _tokens(ctl: Controller) -> tuple[dict[str, str | None], dict[str, str], set
     """Secrets per caller kind, path values, and the ids of the drill's own tokens."""
     agent_a, token_a = ctl.enrol("host-a")
     _agent_b, token_b = ctl.enrol("host-b")
+    # Agent A's desired state names the artifact the matrix asks for; agent B's nothing.
+    engine = make_engine(f"sqlite:///{ctl.data_dir / 'controller.db'}")
+    try:
+        assign_artifacts(engine, agent_a, ARTIFACT)
+    finally:
+        engine.dispose()
     revoked_id, revoked = ctl.token("admin", name="to-revoke")
     r = ctl.call("DELETE", f"/api/v1/tokens/{revoked_id}", ctl.admin_token)
     if r.status_code != 200:
@@ -93,9 +106,9 @@ def _tokens(ctl: Controller) -> tuple[dict[str, str | None], dict[str, str], set
     values = {
         "token_id": MISSING_ID,
         "agent_id": agent_a,
-        "name": "nomodel",
-        "version": "1",
-        "target": "x86-avx2",
+        "name": ARTIFACT[0],
+        "version": str(ARTIFACT[1]),
+        "target": ARTIFACT[2],
         "file": "manifest.json",
         "job_id": MISSING_ID,
         "deployment_id": MISSING_ID,
