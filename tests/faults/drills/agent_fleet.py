@@ -9,25 +9,31 @@ stopped waiting for it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgefed.common.artifact import MANIFEST_NAME, Manifest, SigningKey
-from edgefed.common.broker import free_port
+from edgefed.common.artifact import MANIFEST_NAME, Manifest, SigningKey, verify
+from edgefed.common.broker import PrivateBroker, free_port
 from edgefed.common.errors import EdgefedError
 from edgefed.common.mqtt import Message, MqttClient
+from edgefed.common.routing import Router, RouterConfig, Target
 from edgefed.common.rpc import Requester
 from edgefed.common.schemas import (
     DesiredModel,
@@ -39,6 +45,7 @@ from edgefed.common.settings import Settings, load_settings
 from edgefed.common.topics import Topics
 from edgefed.edge.config import AgentConfig, LocalEndpoint
 from edgefed.edge.store import ModelStore
+from edgefed.simulation.linkproxy import LinkProxy
 
 MODEL = "tiny-embed"
 TARGET = "x86-avx2"
@@ -63,6 +70,43 @@ class TinyModel:
             manifest_sha256=digest,
             providers=["CPUExecutionProvider"],
         )
+
+
+_BUILT: list[TinyModel] = []
+_CACHE_VERSION = 1
+"""Bump when :func:`build_tiny_model` changes: a cached build of another version is not used."""
+
+
+def tiny_model() -> TinyModel:
+    """The tiny model, shared by every drill: built once into the system's temporary folder
+    (torch's export takes half a minute on a loaded 2-core machine) and re-verified, with its
+    signing key, by later processes."""
+    if not _BUILT:
+        cache = Path(tempfile.gettempdir()) / f"edgefed-drill-model-v{_CACHE_VERSION}-{os.getuid()}"
+        _BUILT.append(_cached(cache) or _build_into(cache))
+    return _BUILT[0]
+
+
+def _cached(cache: Path) -> TinyModel | None:
+    try:
+        key = SigningKey.load(cache / "signing.pem")
+        manifest = verify(cache / "tiny-onnx", key.verify_key)
+    except (OSError, EdgefedError):
+        return None
+    return TinyModel(cache / "tiny-onnx", manifest, key)
+
+
+def _build_into(cache: Path) -> TinyModel:
+    """Build in a private folder, then rename it into place (another process may win)."""
+    staging = Path(tempfile.mkdtemp(prefix=f"{cache.name}-", dir=cache.parent))
+    built = build_tiny_model(staging)
+    built.key.save(staging / "signing.pem")
+    with contextlib.suppress(OSError):
+        if cache.exists():
+            shutil.rmtree(cache)  # an unusable leftover
+        staging.rename(cache)
+        return TinyModel(cache / "tiny-onnx", built.manifest, built.key)
+    return built
 
 
 def build_tiny_model(root: Path) -> TinyModel:
@@ -259,3 +303,80 @@ class Wiretap:
     def twice(self, ids: set[str] | None = None) -> int:
         """Requests answered more than once (among ``ids``)."""
         return sum(1 for rid, n in self.answers.items() if n > 1 and (ids is None or rid in ids))
+
+
+@dataclass
+class Rig:
+    """A broker, agents as processes, and the cloud side of one drill: a router (with its
+    requester) watching the fleet, a wiretap on the router's replies, and a control client
+    that publishes desired states like the controller."""
+
+    broker: PrivateBroker
+    topics: Topics
+    agents: dict[str, AgentProcess]
+    model: TinyModel
+    requester: Requester
+    router: Router
+    tap: Wiretap
+    control: MqttClient
+    links: dict[str, LinkProxy]
+    """The uplink of each agent started with ``proxied`` (cut and restored by the drill)."""
+
+    def installed_generation(self, agent_id: str) -> int:
+        """The desired-state generation the agent recorded as applied (its installed.json)."""
+        path = self.agents[agent_id].state_dir / "installed.json"
+        return int(json.loads(path.read_text()).get("generation", 0))
+
+
+@contextlib.asynccontextmanager
+async def running_rig(
+    workdir: Path,
+    agent_ids: tuple[str, ...],
+    *,
+    router_config: RouterConfig,
+    persistence: bool = False,
+    proxied: tuple[str, ...] = (),
+) -> AsyncIterator[Rig]:
+    """Start everything, wait until every agent answers, yield; stop everything (also on
+    failure). Agents in ``proxied`` reach the broker through a :class:`LinkProxy`."""
+    fleet = f"f{uuid.uuid4().hex[:8]}"
+    topics = Topics(fleet)
+    model = await asyncio.to_thread(tiny_model)
+    with PrivateBroker(data_dir=workdir / "broker", persistence=persistence) as broker:
+        links: dict[str, LinkProxy] = {}
+        agents: dict[str, AgentProcess] = {}
+        try:
+            for a in agent_ids:
+                url = broker.url
+                if a in proxied:
+                    links[a] = LinkProxy(broker.host, broker.port)
+                    await links[a].start()
+                    url = f"mqtt://127.0.0.1:{links[a].port}"
+                agents[a] = AgentProcess.prepare(
+                    workdir / "agents", a, fleet=fleet, broker_url=url, model=model
+                )
+            for agent in agents.values():
+                agent.start()
+            settings = drill_settings(broker.url, fleet)
+            async with (
+                MqttClient.from_settings(settings, client_id=f"{fleet}-router") as client,
+                MqttClient.from_settings(settings, client_id=f"{fleet}-tap") as tap_client,
+                MqttClient.from_settings(settings, client_id=f"{fleet}-control") as control,
+            ):
+                requester = Requester(client, topics)
+                tap = Wiretap()
+                await tap.attach(tap_client, requester.reply_topic)
+                router = Router(
+                    requester,
+                    [Target.agent(topics, a) for a in agent_ids],
+                    config=router_config,
+                    rng=random.Random(7),
+                )
+                await router.watch(client, topics)
+                for agent_id in agent_ids:
+                    await wait_answering(requester, topics, agent_id)
+                yield Rig(broker, topics, agents, model, requester, router, tap, control, links)
+        finally:  # in threads, so that proxied agents can say goodbye through their links
+            await asyncio.gather(*(asyncio.to_thread(a.stop) for a in agents.values()))
+            for link in links.values():
+                await link.close()

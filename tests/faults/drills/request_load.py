@@ -5,6 +5,7 @@ answer nor an error within its deadline plus a grace period: the caller was left
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ LOST_GRACE_S = 5.0
 @dataclass
 class LoadOutcome:
     ids: list[str] = field(default_factory=list)
+    sent_at: dict[str, float] = field(default_factory=dict)
+    """request id -> when it was sent (``time.monotonic()``)."""
     answered: dict[str, str] = field(default_factory=dict)
     """request id -> the target that answered."""
     failed: dict[str, str] = field(default_factory=dict)
@@ -53,6 +56,7 @@ async def run_load(
     async def one(i: int) -> None:
         request = inference(f"{prefix}-{i}")
         out.ids.append(request.request_id)
+        out.sent_at[request.request_id] = time.monotonic()
         if on_sent is not None:
             on_sent(i)
         try:

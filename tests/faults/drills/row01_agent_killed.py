@@ -14,19 +14,13 @@ it ran; the killed agent's first life counts the answers it got out before it di
 from __future__ import annotations
 
 import asyncio
-import random
 import time
-import uuid
 from pathlib import Path
 
-from edgefed.common.broker import PrivateBroker
-from edgefed.common.mqtt import MqttClient
-from edgefed.common.routing import Health, Router, RouterConfig, Target
-from edgefed.common.rpc import Requester
-from edgefed.common.topics import Topics
+from edgefed.common.routing import Health, RouterConfig
 
 from . import DrillResult
-from .agent_fleet import AgentProcess, Wiretap, build_tiny_model, drill_settings, wait_answering
+from .agent_fleet import AgentProcess, Rig, running_rig, wait_answering
 from .request_load import run_load
 
 ROW = 1
@@ -51,53 +45,15 @@ def run(workdir: Path, *, full: bool = False) -> DrillResult:
 
 
 async def _run(workdir: Path, *, n: int, kill_at: int) -> DrillResult:
-    fleet = f"f{uuid.uuid4().hex[:8]}"
-    topics = Topics(fleet)
-    model = await asyncio.to_thread(build_tiny_model, workdir / "model")
-    with PrivateBroker(data_dir=workdir / "broker") as broker:
-        agents = [
-            AgentProcess.prepare(
-                workdir / "agents", a, fleet=fleet, broker_url=broker.url, model=model
-            )
-            for a in ("a1", "a2")
-        ]
-        doomed, other = agents
-        try:
-            for agent in agents:
-                agent.start()
-            settings = drill_settings(broker.url, fleet)
-            async with (
-                MqttClient.from_settings(settings, client_id=f"{fleet}-router") as client,
-                MqttClient.from_settings(settings, client_id=f"{fleet}-tap") as tap_client,
-            ):
-                requester = Requester(client, topics)
-                tap = Wiretap()
-                await tap.attach(tap_client, requester.reply_topic)
-                router = Router(
-                    requester,
-                    [Target.agent(topics, a.agent_id) for a in agents],
-                    config=RouterConfig(policy="round-robin"),
-                    rng=random.Random(7),
-                )
-                await router.watch(client, topics)
-                for agent in agents:
-                    await wait_answering(requester, topics, agent.agent_id)
-                return await _drill(router, requester, topics, tap, doomed, other, n, kill_at)
-        finally:
-            for agent in agents:
-                agent.stop()
+    config = RouterConfig(policy="round-robin")
+    async with running_rig(workdir, ("a1", "a2"), router_config=config) as rig:
+        return await _drill(rig, rig.agents["a1"], rig.agents["a2"], n, kill_at)
 
 
 async def _drill(
-    router: Router,
-    requester: Requester,
-    topics: Topics,
-    tap: Wiretap,
-    doomed: AgentProcess,
-    other: AgentProcess,
-    n: int,
-    kill_at: int,
+    rig: Rig, doomed: AgentProcess, other: AgentProcess, n: int, kill_at: int
 ) -> DrillResult:
+    router, requester, topics, tap = rig.router, rig.requester, rig.topics, rig.tap
     killed_at: float | None = None
     life1_answers = 0
 
