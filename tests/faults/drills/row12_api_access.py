@@ -133,13 +133,18 @@ def _matrix(
                 problems.append(f"undeclared route {method} {template}")
             path = fill(template, values)
             for kind in KINDS:
-                r = client.request(
-                    method,
-                    path,
-                    headers=bearer(tokens[kind]),
-                    json={} if method in ("POST", "PUT", "PATCH") else None,
-                )
                 counts["calls"] += 1
+                try:
+                    r = client.request(
+                        method,
+                        path,
+                        headers=bearer(tokens[kind]),
+                        json={} if method in ("POST", "PUT", "PATCH") else None,
+                    )
+                except httpx.HTTPError as exc:  # no answer at all: a server failure
+                    counts["5xx"] += 1
+                    problems.append(f"5xx {kind} {method} {path}: no answer, {exc!r}")
+                    continue
                 ok = allowed(requirement, kind)
                 where = f"{kind} {method} {path}: {r.status_code}"
                 if r.status_code >= 500:
