@@ -1,8 +1,8 @@
 # edgefed: `make test` and `make demo` set everything up on a fresh Linux machine and run.
 #
-#   make test    create .venv, install torch (CPU) first, mosquitto and chromium if missing, the
-#                project with its dev extras, then run scripts/check (ruff, mypy, import-linter,
-#                pytest)
+#   make test    create .venv, install torch (CPU) first, mosquitto, chromium and faketime if
+#                missing, the project with its dev extras, then run scripts/check (ruff, mypy,
+#                import-linter, pytest)
 #   make demo    same set-up, then `edgefed demo` on embedded defaults
 #
 # Variables: PYTHON (default python3, 3.11+), TORCH_INDEX (a pip index for the CPU build of
@@ -15,9 +15,9 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgefed-installed
 
-.PHONY: test demo check setup mosquitto chromium clean bench
+.PHONY: test demo check setup mosquitto chromium faketime clean bench
 
-test: setup chromium
+test: setup chromium faketime
 	scripts/check
 
 demo: setup
@@ -70,6 +70,20 @@ chromium:
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; \
 	else \
 		echo "chromium is missing: install it (the report tests render report.html headless)"; \
+		exit 1; \
+	fi
+
+# Row 15 of the fault suite runs agents with their clocks an hour off under libfaketime.
+faketime:
+	@if [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] \
+		|| [ -e /usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1 ] \
+		|| [ -e /usr/lib/faketime/libfaketime.so.1 ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing faketime with apt-get (clock-skew drill of the fault suite)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq faketime; \
+	else \
+		echo "libfaketime is missing: install it (the clock-skew drill of the fault suite)"; \
 		exit 1; \
 	fi
 
