@@ -1,9 +1,10 @@
 """Row 14: the agent's disk fills up while it downloads a new model version.
 
 The full disk is real: the agent's state directory (model store, staging folder, outbox) is on a
-tmpfs of its own (``mount -t tmpfs``; the drill needs root, as the suite has here), which is
-shrunk with ``mount -o remount,size=`` to what v1 uses plus 1.5 MiB once v1 serves. The next
-version (4.9 MB, its ``model.onnx`` alone 4 MB) then hits ENOSPC part-way through its download.
+tmpfs of its own (``mount -t tmpfs``, which needs root; without it the drill limits the agent's
+file size instead, see :func:`_run_file_size_limit`), shrunk with ``mount -o remount,size=`` to
+what v1 uses plus 1.5 MiB once v1 serves. The next version (4.9 MB, its ``model.onnx`` alone
+4 MB) then hits ENOSPC part-way through its download.
 
 Must hold: the download fails cleanly (a ``failed`` lifecycle event that names the full disk,
 the agent process alive), v1 keeps answering requests throughout, and the partial download's
@@ -20,6 +21,7 @@ Figures: ``serving`` (yes), ``requests_failed`` during the drill, ``reclaimed`` 
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import time
 from pathlib import Path
@@ -68,7 +70,10 @@ def _used(path: Path) -> int:
 def run(workdir: Path, *, full: bool = False) -> DrillResult:
     disk = workdir / "agent-disk"
     disk.mkdir(parents=True)
-    _mount(disk, "64m")
+    try:
+        _mount(disk, "64m")
+    except DiskUnavailable as exc:
+        return _run_file_size_limit(workdir, str(exc))
     notes: list[str] = []
     try:
         with (
@@ -155,6 +160,55 @@ def run(workdir: Path, *, full: bool = False) -> DrillResult:
     }
     held = serving and full_disk and alive and reclaimed and retried and (recovered or not full)
     return DrillResult(ROW, figures, held=held, notes=notes)
+
+
+def _run_file_size_limit(workdir: Path, why: str) -> DrillResult:
+    """Where no tmpfs can be mounted (not root): the agent's files may not grow past
+    ``HEADROOM`` bytes (``RLIMIT_FSIZE`` set on the running agent with ``prlimit``), so the
+    4 MB ``model.onnx`` of the next version fails part-way with EFBIG, as a full disk fails
+    with ENOSPC. The same checks but the free space (the staging folder must be gone) and the
+    disk filled by another file, which this cannot show."""
+    notes = [f"no tmpfs ({why}); the agent's file size is limited instead (RLIMIT_FSIZE)"]
+    with (
+        edge_stage(workdir / "stage") as stage,
+        MqttSide(stage.broker.url, stage.fleet, "row14-cloud") as cloud,
+    ):
+        cloud.watch_telemetry()
+        agent = stage.enrol("agent")
+        old = stage.release_and_deploy()
+        if cloud.serving(agent.agent_id) != old:
+            raise AssertionError(f"the agent does not serve v{old}")
+        assert agent.proc is not None
+        resource.prlimit(agent.proc.pid, resource.RLIMIT_FSIZE, (HEADROOM, HEADROOM))
+        new, _dep = stage.deploy_nowait()
+        staged = agent.config.state_dir / "staging" / MODEL / f"v{new}"
+        requests = _Requests(cloud, agent.agent_id, old, notes)
+        failure: str | None = None
+        reclaimed = False
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            requests.one()
+            if failure is None:
+                failure = _failure(cloud, agent.agent_id, new)
+            elif not staged.exists():
+                reclaimed = True
+                break
+            time.sleep(0.2)
+        serving_now = cloud.infer(agent.agent_id, timeout=5)[0]
+        alive = agent.alive()
+    notes.append(f"v{new}: {failure}")
+    too_big = failure is not None and "too large" in failure.lower()
+    serving = requests.failed == 0 and serving_now == old
+    figures: dict[str, int | float | str | bool] = {
+        "serving": "yes" if serving else "no",
+        "requests_ok": requests.ok,
+        "requests_failed": requests.failed,
+        "failed_cleanly": too_big and alive,
+        "reclaimed": "yes" if reclaimed else "no",
+        "survived_full_disk": "not measured",
+        "recovered": "not measured",
+    }
+    return DrillResult(ROW, figures, held=serving and too_big and alive and reclaimed, notes=notes)
 
 
 class _Requests:
