@@ -18,7 +18,9 @@ def test_a_controller_killed_mid_rollout_resumes_it_and_agents_keep_serving(
     result = row04_controller_killed.run(tmp_path)
 
     figures = result.figures
-    assert figures["requests_while_down"] > 0, result.notes  # the agents were asked meanwhile
+    down = figures["requests_while_down"]
+    assert isinstance(down, int)
+    assert down > 0, result.notes  # the agents were asked while the controller was down
     assert figures["failed_requests"] == 0, result.notes
     assert figures["duplicate_deployments"] == 0, result.notes
     assert figures["completed"] == figures["kills"], result.notes  # resumed and finished

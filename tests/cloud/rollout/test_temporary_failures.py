@@ -103,4 +103,4 @@ async def test_a_failure_not_marked_temporary_still_fails_the_load_gate(cloud: C
     dep, _ = await _deploy_to_flaky_agent(cloud, temporary=False)
 
     assert dep.status in (S.ABORTED, S.ROLLED_BACK), dep.status
-    assert dep.reason.startswith("load gate:"), dep.reason
+    assert (dep.reason or "").startswith("load gate:"), dep.reason

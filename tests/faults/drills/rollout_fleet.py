@@ -115,10 +115,11 @@ class Watcher(Observer):
         await client.subscribe(f"{self.topics.prefix}/agents/+/telemetry", on_telemetry)
 
     def publish_desired(
-        self, agent_id: str, payload: bytes, content_type: str | None = "application/json"
+        self, agent_id: str, payload: bytes, content_type: str | None = None
     ) -> None:
         """Publish ``payload`` retained on the agent's desired-state topic, as the controller
-        does (the broker here has no ACLs: the drill acts with the controller's rights)."""
+        does (the broker here has no ACLs: the drill acts with the controller's rights); a
+        replay passes the content type the message was delivered with."""
         client = self._client
         assert client is not None
         self._call(
@@ -211,9 +212,6 @@ class Fleet:
     def agent_ids(self) -> list[str]:
         return sorted(a.config.agent_id for a in self.world.agents)
 
-    def agent(self, agent_id: str) -> object:
-        return next(a for a in self.world.agents if a.config.agent_id == agent_id)
-
     def roll_out_everywhere(self, version: int) -> None:
         """Deploy ``version`` to every agent (all at once, no soak) and wait until each serves
         it."""
@@ -239,7 +237,8 @@ def running_fleet(workdir: Path, *, agents: int = 3) -> Iterator[Fleet]:
         world = World(workdir, controller, key, build_sources(workdir / "src"))
         try:
             controller.start()
-            with Watcher(broker.url, fleet) as watcher:
+            watcher = Watcher(broker.url, fleet)
+            with watcher:
                 world.ok(
                     "POST",
                     "/models",

@@ -44,10 +44,18 @@ def _top_generation(f: Fleet, agent_id: str) -> int:
     return max(r.generation for r in f.watcher.raw if r.agent_id == agent_id)
 
 
-def _try(f: Fleet, agent_id: str, old: int, top: int, publish: bytes, notes: list[str]) -> bool:
+def _try(
+    f: Fleet,
+    agent_id: str,
+    old: int,
+    top: int,
+    publish: bytes,
+    notes: list[str],
+    content_type: str | None = None,
+) -> bool:
     """Publish ``publish`` to ``agent_id``; True when the agent took ``old``."""
     since = time.monotonic()
-    f.watcher.publish_desired(agent_id, publish)
+    f.watcher.publish_desired(agent_id, publish, content_type)
     return _verdict(f, agent_id, old, top, since, notes)
 
 
@@ -94,7 +102,9 @@ def run(workdir: Path, *, full: bool = False) -> DrillResult:
             for old in older:
                 once = next(r for r in f.watcher.raw if r.agent_id == agent_id and r.version == old)
                 tried["replay"] += 1
-                accepted["replay"] += _try(f, agent_id, old, top, once.payload, notes)
+                accepted["replay"] += _try(
+                    f, agent_id, old, top, once.payload, notes, once.content_type
+                )
 
         # replay-restart: the old state waits retained for an agent that is down
         for agent in w.agents if full else w.agents[:1]:
@@ -104,7 +114,7 @@ def run(workdir: Path, *, full: bool = False) -> DrillResult:
             )
             agent.stop()
             since = time.monotonic()
-            f.watcher.publish_desired(agent_id, once.payload)
+            f.watcher.publish_desired(agent_id, once.payload, once.content_type)
             agent.start()
             tried["replay-restart"] += 1
             accepted["replay-restart"] += _verdict(f, agent_id, older[0], top, since, notes)
