@@ -189,7 +189,10 @@ class Load:
                 return
             agent = self.agents[i % len(self.agents)]
             long = self.long_every > 0 and i % self.long_every == 0
-            version, outcome = self.watcher.infer(agent, LONG_TEXT if long else "hello edge")
+            try:
+                version, outcome = self.watcher.infer(agent, LONG_TEXT if long else "hello edge")
+            except TimeoutError as exc:  # the watcher's loop did not answer: a failure too
+                version, outcome = None, f"{type(exc).__name__}: {exc}"
             self.outcomes.append(Outcome(agent, version, outcome, long, time.monotonic()))
             time.sleep(self.pause_s)
 
