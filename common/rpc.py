@@ -149,6 +149,7 @@ class Requester:
         tensors: Mapping[str, np.ndarray] | None = None,
         compression: Compression = Compression.NONE,
         timeout: float | None = None,
+        user_properties: Iterable[tuple[str, str]] = (),
     ) -> Decoded[R]:
         """Send a schema message and decode the reply as one of ``expected``.
 
@@ -157,7 +158,11 @@ class Requester:
         """
         out = encode(message, tensors, compression=compression)
         reply = await self.request_raw(
-            topic, out.payload, content_type=out.content_type, timeout=timeout
+            topic,
+            out.payload,
+            content_type=out.content_type,
+            timeout=timeout,
+            user_properties=user_properties,
         )
         kinds: list[type[WireModel]] = [expected] if isinstance(expected, type) else list(expected)
         decoded: Decoded[WireModel] = decode(
@@ -259,14 +264,31 @@ async def serve(
     expected: type[M] | Sequence[type[M]],
     dedup: ReplyCache | None = None,
     qos: int = 1,
+    gate: Callable[[Message], str | None] | None = None,
 ) -> None:
-    """Answer requests on ``topic_filter`` with ``handler`` (see the module docstring)."""
+    """Answer requests on ``topic_filter`` with ``handler`` (see the module docstring).
+
+    ``gate(message)`` runs first; a reason it returns refuses the message unread, with a
+    retryable ``unavailable`` error reply (none when it has no response topic)."""
     cache = dedup if dedup is not None else ReplyCache()
     kinds: list[type[M]] = [expected] if isinstance(expected, type) else list(expected)
     max_bytes = client.settings.max_payload_bytes
 
     async def respond(message: Message) -> None:
         request_id: str | None = None
+        refusal = gate(message) if gate is not None else None
+        if refusal is not None:
+            request_id = peek_request_id(message.payload)
+            log.info("refused request %s on %s: %s", request_id, message.topic, refusal)
+            refused = ErrorReply(
+                code=ErrorCode.UNAVAILABLE,
+                message=refusal,
+                request_id=request_id,
+                retryable=True,
+                retry_after_s=0.0,
+            )
+            await _send(client, message, encode(refused))
+            return
         try:
             if message.expired():
                 raise _ExpiredError("request expired before it was handled")
@@ -339,6 +361,9 @@ async def serve(
     await client.subscribe(topic_filter, respond, qos=qos)
 
 
+FAILS_OVER = ("fails-over", "on-will")
+"""User property of a request whose sender re-sends it elsewhere when the responder's last will
+says it went offline (the router): a copy still queued for the responder then is stale."""
 SENT_AT = "sent-at"
 """User property of a request: the requester's wall-clock time (Unix seconds) when it sent it."""
 

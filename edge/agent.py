@@ -55,6 +55,7 @@ from edgefed.common.serving.runtime import OnnxModel
 from edgefed.common.serving.service import Batcher, InferenceService, ModelTable
 from edgefed.common.settings import BrokerAddress, Settings
 from edgefed.common.topics import Topics
+from edgefed.edge.backlog import refuse_failed_over
 from edgefed.edge.config import AgentConfig
 from edgefed.edge.fetch import ArtifactFetcher
 from edgefed.edge.linkmeter import LinkMeter
@@ -533,6 +534,7 @@ class Agent:
                     self.offloader.handle_cloud,
                     expected=InferenceRequest,
                     dedup=cache,
+                    gate=refuse_failed_over,
                 )
                 self._subscribed = True
                 return

@@ -47,7 +47,7 @@ from edgefed.common.routing.config import RouterConfig
 from edgefed.common.routing.errors import DeadlineUnreachable, NoRouteError, TargetLost
 from edgefed.common.routing.policies import Policy, make_policy
 from edgefed.common.routing.targets import Health, Target, TargetState
-from edgefed.common.rpc import Requester
+from edgefed.common.rpc import FAILS_OVER, Requester
 from edgefed.common.schemas import (
     AgentState,
     AgentStatus,
@@ -460,8 +460,18 @@ class Router:
         if self.requester is None:
             raise ConfigError(f"target {target.id} has no sender and the router no requester")
         return await self.requester.request(
-            target.topic, request, InferenceReply, tensors=tensors, timeout=timeout
+            target.topic,
+            request,
+            InferenceReply,
+            tensors=tensors,
+            timeout=timeout,
+            user_properties=self._fails_over_on_will(target),
         )
+
+    def _fails_over_on_will(self, target: Target) -> tuple[tuple[str, str], ...]:
+        """Tell an agent that this router sends the request elsewhere when the agent's last
+        will arrives, so that a copy the broker re-delivers to it later is not run twice."""
+        return (FAILS_OVER,) if target.agent_id is not None and self._watch_topics else ()
 
     def _cancel_inflight(self, target_id: str) -> None:
         for task in list(self._inflight.get(target_id, ())):

@@ -177,8 +177,8 @@ class AgentProcess:
     metrics_port: int
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
-    executed_before: int = 0
-    """Executions counted by earlier lives of the process (read before each kill)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment of the process (e.g. ``EDGEFED_MQTT__KEEPALIVE_S``)."""
 
     @classmethod
     def prepare(
@@ -213,6 +213,7 @@ class AgentProcess:
         env["EDGEFED_MQTT__BACKOFF_MAX_S"] = "0.5"
         env["EDGEFED_MQTT__BACKOFF_INITIAL_S"] = "0.05"
         env["EDGEFED_LOG_FORMAT"] = "plain"
+        env.update(self.env)
         log = (self.state_dir.parent / f"{self.agent_id}-{self.starts}.log").open("ab")
         command = [sys.executable, "-m", "edgefed.cli", "edge", "run", "--state-dir"]
         self.proc = subprocess.Popen(
@@ -287,6 +288,8 @@ class Wiretap:
     answers: Counter[str] = field(default_factory=Counter)
     by_agent: Counter[str] = field(default_factory=Counter)
     replies_at: dict[str, list[float]] = field(default_factory=dict)
+    log: list[tuple[float, str, str]] = field(default_factory=list)
+    """(when, served by, request id) of every reply, in arrival order."""
 
     async def attach(self, client: MqttClient, reply_topic: str) -> None:
         await client.subscribe(reply_topic, self._on_reply)
@@ -298,7 +301,9 @@ class Wiretap:
             return  # error replies are answers of another kind: not executions
         self.answers[reply.request_id] += 1
         self.by_agent[reply.served_by] += 1
-        self.replies_at.setdefault(reply.request_id, []).append(time.monotonic())
+        now = time.monotonic()
+        self.replies_at.setdefault(reply.request_id, []).append(now)
+        self.log.append((now, reply.served_by, reply.request_id))
 
     def twice(self, ids: set[str] | None = None) -> int:
         """Requests answered more than once (among ``ids``)."""
@@ -336,9 +341,11 @@ async def running_rig(
     router_config: RouterConfig,
     persistence: bool = False,
     proxied: tuple[str, ...] = (),
+    agent_env: dict[str, str] | None = None,
 ) -> AsyncIterator[Rig]:
     """Start everything, wait until every agent answers, yield; stop everything (also on
-    failure). Agents in ``proxied`` reach the broker through a :class:`LinkProxy`."""
+    failure). Agents in ``proxied`` reach the broker through a :class:`LinkProxy`; every agent
+    gets ``agent_env`` in its environment."""
     fleet = f"f{uuid.uuid4().hex[:8]}"
     topics = Topics(fleet)
     model = await asyncio.to_thread(tiny_model)
@@ -355,6 +362,7 @@ async def running_rig(
                 agents[a] = AgentProcess.prepare(
                     workdir / "agents", a, fleet=fleet, broker_url=url, model=model
                 )
+                agents[a].env.update(agent_env or {})
             for agent in agents.values():
                 agent.start()
             settings = drill_settings(broker.url, fleet)
