@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .drills import row01_link_stalled as row
+from .drills import stalled_link as row
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

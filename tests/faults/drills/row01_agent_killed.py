@@ -19,7 +19,7 @@ from pathlib import Path
 
 from edgefed.common.routing import Health, RouterConfig
 
-from . import DrillResult
+from . import DrillResult, stalled_link
 from .agent_fleet import AgentProcess, Rig, running_rig, wait_answering
 from .request_load import run_load
 
@@ -40,8 +40,19 @@ CONCURRENCY = 8
 
 
 def run(workdir: Path, *, full: bool = False) -> DrillResult:
+    """The kill; with ``full`` also the stalled-link variant (:mod:`.stalled_link`), its figures
+    merged as ``stalled_*``."""
     n = 1000
-    return asyncio.run(_run(workdir, n=n, kill_at=300 * n // 1000))
+    killed = asyncio.run(_run(workdir / "killed", n=n, kill_at=300 * n // 1000))
+    if not full:
+        return killed
+    stalled = stalled_link.run(workdir / "stalled")
+    return DrillResult(
+        row=ROW,
+        figures={**killed.figures, **{f"stalled_{k}": v for k, v in stalled.figures.items()}},
+        held=killed.held and stalled.held,
+        notes=[*killed.notes, *(f"stalled link: {note}" for note in stalled.notes)],
+    )
 
 
 async def _run(workdir: Path, *, n: int, kill_at: int) -> DrillResult:

@@ -4,7 +4,9 @@ will, the router sends the agent's requests in flight elsewhere; then the link c
 the agent reconnects to its session, where the broker held those requests, unacknowledged, and
 re-delivers them. They must not run a second time.
 
-Two real agents behind the router as in :mod:`.row01_agent_killed`; ``a1`` reaches the broker
+Not a row module of its own (the bench would show two row 1s): :mod:`.row01_agent_killed`
+runs it in its full version and merges its figures as ``stalled_*``; its own test runs it
+alone. Two real agents behind the router as in :mod:`.row01_agent_killed`; ``a1`` reaches the broker
 through the simulation's link proxy, which stalls it (60 s one-way delay) until the router
 has seen the will, then resets it and lets the agent reconnect. The agent's MQTT keepalive is
 5 s, so the broker notices within about 7.5 s.
