@@ -135,8 +135,7 @@ class DesiredStatePublisher:
 
     async def start(self) -> None:
         """Subscribe to the fleet's retained desired states (once) and learn what the broker
-        holds; afterwards the broker's view is refreshed after every reconnect that lost the
-        session."""
+        holds; afterwards the broker's view is refreshed after every reconnect."""
         if self._started:
             return
         self._started = True
@@ -145,14 +144,19 @@ class DesiredStatePublisher:
         await self._snapshot()
 
     async def _on_connect(self, session_present: bool) -> None:
-        if not session_present:
-            self._snapshot_stale = True
+        # After any reconnect, not only one that lost the session: a broker that crashed and
+        # came back from its persistence file keeps our session but may have lost retained
+        # states written after its last autosave.
+        del session_present
+        self._snapshot_stale = True
 
     async def _snapshot(self) -> None:
         """(Re)subscribe to every agent's retained desired state and wait until the broker has
         sent them all: it sends the retained messages of a subscription before a message we
         publish after subscribing, so our own marker coming back ends the snapshot."""
         self._snapshot_stale = False
+        # Learn the broker's view afresh: a state it lost must not stay known from before.
+        self._broker.clear()
         pattern = f"{self._topics.prefix}/agents/+/desired"
         await self._client.unsubscribe(pattern)
         await self._client.subscribe(pattern, self._on_desired)
