@@ -58,6 +58,11 @@ class Size:
 SIZES = {False: Size(burst=20, others=3, concurrency=16), True: Size(100, 8, 32)}
 
 
+KEEPALIVE = httpx.Limits(keepalive_expiry=2.0)
+"""Drop idle connections well before uvicorn closes them (5 s): a request sent on a connection
+the server is closing fails with a read error (seen once in a full run on a loaded machine)."""
+
+
 @dataclass
 class Seen:
     statuses: list[int] = field(default_factory=list)
@@ -77,7 +82,9 @@ async def _burst(url: str, token: str, n: int, concurrency: int, seen: Seen) -> 
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n):
         queue.put_nowait(i)
-    async with httpx.AsyncClient(base_url=url, headers=bearer(token), timeout=60) as client:
+    async with httpx.AsyncClient(
+        base_url=url, headers=bearer(token), timeout=60, limits=KEEPALIVE
+    ) as client:
 
         async def worker() -> None:
             while not queue.empty():
@@ -99,7 +106,9 @@ async def _steady(
     at_least: int,
 ) -> None:
     """One call every ``pace_s`` until ``stop`` is set (and at least ``at_least`` calls)."""
-    async with httpx.AsyncClient(base_url=url, headers=bearer(token), timeout=60) as client:
+    async with httpx.AsyncClient(
+        base_url=url, headers=bearer(token), timeout=60, limits=KEEPALIVE
+    ) as client:
         done = 0
         while not stop.is_set() or done < at_least:
             start = time.perf_counter()
