@@ -87,7 +87,9 @@ def test_a_restarted_controller_adopts_a_live_worker_and_resumes_a_dead_one(
         load_verify_key(registry.signing_key.with_suffix(".pub")),
     )
     assert manifest.version == 1
-    assert not job_work_dir(registry.store, "tiny", job_id).exists()
+    # The worker removes its checkpoints just after it records the success, then exits.
+    work = job_work_dir(registry.store, "tiny", job_id)
+    wait_for(work.exists, lambda exists: not exists, timeout_s=30)
 
 
 def test_a_job_whose_worker_died_is_queued_again_until_attempts_run_out(
