@@ -291,7 +291,7 @@ async def test_a_move_past_the_band_publishes_exactly_one_new_generation(
         split = await f.published_generation(3)
         await f.report(SLOW)
         back = await f.published_generation(4)
-        generations = [s.generation for s in f.spy.seen]
+        generations = published(f)
         stored = f.stored()
 
     assert edge.placements[MODEL].mode == "edge"
@@ -302,7 +302,7 @@ async def test_a_move_past_the_band_publishes_exactly_one_new_generation(
     }
     assert back.placements[MODEL].mode == "edge"
     assert model_names(back) == {MODEL: (1, "full", None)}  # the head went with the split
-    assert generations == [1, 2, 3, 4]
+    assert generations == [1, 2, 3, 4]  # one new generation per move, none for the repeat
     assert stored == back
 
 
