@@ -8,6 +8,11 @@ Every topic lives under ``edgefed/v1/<fleet>/``::
     agents/<agent>/desired     retained DesiredState written by the controller
     agents/<agent>/commands    Command requests; the CommandAck goes to the response topic
     agents/<agent>/infer       InferenceRequest; the reply goes to the response topic
+    agents/<agent>/sessions    SessionRequest (conversation sessions the agent holds); the
+                               SessionReply goes to the response topic
+    agents/<agent>/sessions-replica
+                               SessionReplica: the agent's encrypted copy of each session it
+                               holds, for the controller (QoS 1)
     workers/<pool>/infer       InferenceRequest for a pool of cloud workers, consumed through
                                the shared subscription $share/<pool>/<the topic above>
     workers/<pool>/load/<worker>
@@ -77,6 +82,15 @@ class Topics:
 
     def agent_infer(self, agent_id: str) -> str:
         return self._agent(agent_id, "infer")
+
+    def agent_sessions(self, agent_id: str) -> str:
+        return self._agent(agent_id, "sessions")
+
+    def session_replica(self, agent_id: str) -> str:
+        return self._agent(agent_id, "sessions-replica")
+
+    def all_session_replicas(self) -> str:
+        return f"{self.prefix}/agents/+/sessions-replica"
 
     def worker_infer(self, pool: str) -> str:
         return f"{self.prefix}/workers/{check_id(pool, 'worker pool')}/infer"

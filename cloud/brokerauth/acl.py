@@ -27,6 +27,8 @@ def agent_rules(topics: Topics, agent_id: str) -> list[str]:
         f"topic write {topics.telemetry(agent_id)}",
         f"topic read {topics.desired(agent_id)}",
         f"topic read {topics.agent_infer(agent_id)}",
+        f"topic read {topics.agent_sessions(agent_id)}",
+        f"topic write {topics.session_replica(agent_id)}",
         f"topic read {topics.commands(agent_id)}",
         f"topic read {topics.replies(agent_id)}",
         f"topic write {topics.prefix}/workers/+/infer",

@@ -20,6 +20,6 @@ def test_a_broker_crash_under_load_loses_no_request_and_no_control_message(
     assert f["control_lost"] == "0/2", result.notes
     assert f["lost"] == 0, result.notes
     assert f["failed"] == 0, result.notes
-    assert f["answered"] == f["requests"] == 400
+    assert f["answered"] == f["requests"] >= 400
     assert int(f["reissued"]) + int(f["retried"]) > 0, "the crash hit no request in flight"
     assert result.held, (f, result.notes)

@@ -5,6 +5,7 @@ answer nor an error within its deadline plus a grace period: the caller was left
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -47,11 +48,14 @@ async def run_load(
     timeout_s: float,
     prefix: str,
     on_sent: Callable[[int], None] | None = None,
+    extend_while: Callable[[], bool] | None = None,
 ) -> LoadOutcome:
     """Send ``n`` requests, ``concurrency`` at a time; ``on_sent(i)`` is called as request
-    ``i`` (1-based) is sent."""
+    ``i`` (1-based) is sent. With ``extend_while``, requests go on past ``n`` while it returns
+    true (a fault injected during the load then always meets requests in flight, however
+    long it takes to set up)."""
     out = LoadOutcome()
-    counter = iter(range(1, n + 1))
+    counter = itertools.count(1)
 
     async def one(i: int) -> None:
         request = inference(f"{prefix}-{i}")
@@ -74,6 +78,8 @@ async def run_load(
 
     async def worker() -> None:
         for i in counter:
+            if i > n and (extend_while is None or not extend_while()):
+                return
             await one(i)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))

@@ -105,7 +105,13 @@ async def _drill(rig: Rig, n: int, kill_at: int) -> DrillResult:
             outage = asyncio.create_task(crash_and_restart())
 
     load = await run_load(
-        rig.router, n, concurrency=CONCURRENCY, timeout_s=TIMEOUT_S, prefix="r2", on_sent=on_sent
+        rig.router,
+        n,
+        concurrency=CONCURRENCY,
+        timeout_s=TIMEOUT_S,
+        prefix="r2",
+        on_sent=on_sent,
+        extend_while=lambda: outage is None or not outage.done(),  # in flight at the kill
     )
     assert outage is not None
     killed_at = await outage
@@ -130,7 +136,7 @@ async def _drill(rig: Rig, n: int, kill_at: int) -> DrillResult:
     return DrillResult(
         row=ROW,
         figures={
-            "requests": n,
+            "requests": len(load.ids),
             "answered": len(load.answered),
             "failed": len(load.failed),
             "lost": len(load.lost),
@@ -141,8 +147,9 @@ async def _drill(rig: Rig, n: int, kill_at: int) -> DrillResult:
         },
         held=held,
         notes=[
-            f"killed the broker as request {kill_at} was sent ({CONCURRENCY} in flight), "
-            f"restarted it {OUTAGE_S:g} s later on port {broker.port}; the broker saves its "
+            f"killed the broker once request {kill_at} was sent and a1's desired state "
+            f"acknowledged ({CONCURRENCY} in flight; the load goes on until the broker is "
+            f"back), restarted it {OUTAGE_S:g} s later on port {broker.port}; the broker saves its "
             f"store every second; attempt timeout {ATTEMPT_TIMEOUT_S:g} s, deadline "
             f"{TIMEOUT_S:g} s",
             f"answered by: {dict(load.by_target)}; errors: {dict(load.summary_of_errors())}",

@@ -1,0 +1,1 @@
+"""Conversation sessions: a user's context that follows their requests between holders."""
