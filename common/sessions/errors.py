@@ -14,6 +14,7 @@ __all__ = [
     "SessionExpired",
     "SessionKeyError",
     "SessionNotFound",
+    "SessionStoreError",
     "SessionTooLarge",
 ]
 
@@ -66,3 +67,11 @@ class SessionKeyError(SessionError, PermanentError):
 
     exit_code = 65  # EX_DATAERR
     code = ErrorCode.MALFORMED
+
+
+class SessionStoreError(SessionError, TemporaryError):
+    """A holder could not write or remove a session's file (disk full, permissions); the
+    session is as it was before the call."""
+
+    exit_code = 74  # EX_IOERR
+    code = ErrorCode.UNAVAILABLE
