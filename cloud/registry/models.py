@@ -16,6 +16,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -55,6 +56,16 @@ class FederationRunStatus(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     STOPPED = "stopped"
+
+
+class SessionState(enum.StrEnum):
+    """Where a conversation session stands (see :mod:`edgefed.cloud.sessions`)."""
+
+    ACTIVE = "active"
+    EXPIRED = "expired"
+    """A tombstone: its context is wiped here and deleted on every holder."""
+    DELETED = "deleted"
+    """A tombstone: deleted by its owner; copies deleted on every holder."""
 
 
 class AgentPhase(enum.StrEnum):
@@ -300,6 +311,49 @@ class FederationRun(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
+class SessionRecord(Base):
+    """A conversation session (issue 11): who owns it, where it lives, and the controller's
+    replica of its context, sealed with the fleet's session key (never in clear).
+
+    Expired and deleted sessions stay as tombstones (context wiped) so that the API can say
+    what happened to them, and so that holders that were offline get their ``delete`` later
+    (``pending_deletes``).
+    """
+
+    __tablename__ = "sessions"
+    __table_args__ = (
+        Index("ix_sessions_owner", "owner"),
+        Index("ix_sessions_state_expires", "state", "expires_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    """``token:<id>`` (HTTP API) or ``key:<digest>`` (local apps of an agent)."""
+    model: Mapped[str] = mapped_column(String(64))
+    holder: Mapped[str | None] = mapped_column(String(64))
+    """The agent that keeps the session now (None: no turn yet, or its holder dropped it)."""
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    """Version of the stored context (every turn bumps it; older copies never replace it)."""
+    state: Mapped[SessionState] = mapped_column(_enum(SessionState, "session_state"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """When it expired or was deleted (tombstones)."""
+    context: Mapped[bytes | None] = mapped_column(LargeBinary)
+    """The sealed context record (AES-256-GCM, bound to fleet and session id); None once gone."""
+    context_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    messages: Mapped[int] = mapped_column(Integer, default=0)
+    pending_deletes: Mapped[list[Any]] = mapped_column(default=list)
+    """Holders that may still keep a copy they must delete (previous holders after a handoff,
+    every holder once the session ended); cleared as each confirms."""
+    last_handoff: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """The last :class:`~edgefed.common.sessions.wire.HandoffRecord` (JSON)."""
+    handoffs: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
     )
