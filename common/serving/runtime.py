@@ -22,6 +22,11 @@ Outputs per text (JSON-serialisable):
   ``parameters["max_new_tokens"]`` (default 32, at most 256), stopping at the end-of-sequence
   token.
 
+Conversation sessions generate turn by turn with :meth:`OnnxModel.generate_turn`: the same
+greedy decoding, but starting from the :class:`~edgefed.common.sessions.kvcache.KvCache` of the
+previous turn (only the tokens past the longest common prefix are prefilled) and returning the
+cache for the next one.
+
 The model never writes into its artifact directory (a re-verification would find extra files);
 TensorRT engine caches go to ``cache_dir``.
 """
@@ -42,6 +47,7 @@ import numpy.typing as npt
 from edgefed.common.artifact import Manifest
 from edgefed.common.errors import ErrorCode, PayloadError
 from edgefed.common.serving.errors import InputTooLongError, ModelLoadError, ServingError
+from edgefed.common.sessions.kvcache import KvCache, KvWireFormat
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,7 @@ __all__ = [
     "MAX_NEW_TOKENS_CAP",
     "InferenceFailed",
     "OnnxModel",
+    "TurnResult",
     "provider_options",
 ]
 
@@ -114,6 +121,33 @@ class _Prepared:
     rows: list[list[int]]
     parameters: Mapping[str, Any]
     max_new_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TurnResult:
+    """One turn of :meth:`OnnxModel.generate_turn`."""
+
+    text: str
+    token_ids: list[int]
+    """The generated tokens (the end-of-sequence token excluded)."""
+    cache: KvCache | None
+    """The cache after the turn (``None`` when the graph has no cache): the prompt and every
+    generated token the model has run, i.e. all of ``token_ids`` except the last one when the
+    turn stopped at ``max_new_tokens`` (that one was never fed back; the next turn prefills it)."""
+    prefill_tokens: int
+    """Prompt tokens run in this turn: the prompt minus what the given cache already covered."""
+    ttft_ms: float
+    """From the call to the first generated token (tokenising and prefill included)."""
+    total_ms: float
+
+
+@dataclass(slots=True)
+class _Decoded:
+    generated: list[int]
+    past: dict[str, Array] | None
+    """The cache after the last pass, covering ``fed`` tokens."""
+    fed: list[int]
+    ttft_s: float
 
 
 def provider_options(
@@ -461,23 +495,7 @@ class OnnxModel:
         if not isinstance(parameters, Mapping):
             raise PayloadError("parameters must be an object")
         generating = self.task == "text-generation"
-        encodings = self._text_tokenizer.encode_batch(list(texts), add_special_tokens=True)
-        rows: list[list[int]] = []
-        for i, enc in enumerate(encodings):
-            row = list(enc.ids)
-            if generating:
-                # A prompt that ends with the end-of-sequence token (BERT-style post-processors
-                # append one) would tell the model the text is over before it starts.
-                while len(row) > 1 and row[-1] in self._eos:
-                    row.pop()
-            if not row:
-                raise PayloadError(f"text {i} has no tokens")
-            if len(row) > self.max_length:
-                raise InputTooLongError(
-                    f"text {i} is {len(row)} tokens long; model {self.name} v{self.version} "
-                    f"takes at most {self.max_length}"
-                )
-            rows.append(row)
+        rows = self._encode(texts)
         if not generating:
             normalize = parameters.get("normalize", True)
             if not isinstance(normalize, bool):
@@ -500,6 +518,29 @@ class OnnxModel:
                     "takes"
                 )
         return _Prepared(rows, parameters, max_new)
+
+    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text, no longer than :attr:`max_length` (a decoder's prompt without a
+        trailing end-of-sequence token)."""
+        generating = self.task == "text-generation"
+        encodings = self._text_tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        rows: list[list[int]] = []
+        for i, enc in enumerate(encodings):
+            row = list(enc.ids)
+            if generating:
+                # A prompt that ends with the end-of-sequence token (BERT-style post-processors
+                # append one) would tell the model the text is over before it starts.
+                while len(row) > 1 and row[-1] in self._eos:
+                    row.pop()
+            if not row:
+                raise PayloadError(f"text {i} has no tokens")
+            if len(row) > self.max_length:
+                raise InputTooLongError(
+                    f"text {i} is {len(row)} tokens long; model {self.name} v{self.version} "
+                    f"takes at most {self.max_length}"
+                )
+            rows.append(row)
+        return rows
 
     def _pad(self, rows: Sequence[Sequence[int]]) -> tuple[Array, Array]:
         width = max(len(r) for r in rows)
@@ -571,26 +612,179 @@ class OnnxModel:
     def _generate(self, prompt: Sequence[int], max_new_tokens: int) -> dict[str, Any]:
         """Greedy decoding of one prompt; with a KV cache when the graph has one (each step
         then feeds one token), otherwise the whole sequence every step."""
-        tokens = list(prompt)
+        decoded = self._decode([], None, list(prompt), max_new_tokens, time.perf_counter())
+        text = self._text_tokenizer.decode(decoded.generated, skip_special_tokens=True)
+        return {"text": text, "tokens": len(decoded.generated)}
+
+    def _decode(
+        self,
+        cached: list[int],
+        past: dict[str, Array] | None,
+        suffix: list[int],
+        max_new_tokens: int,
+        started: float,
+    ) -> _Decoded:
+        """Greedy decoding after ``cached`` tokens (whose cache is ``past``, ``None``: empty),
+        prefilling ``suffix`` (at least one token) first; at most ``max_new_tokens`` tokens
+        (0: prefill only)."""
+        tokens = [*cached, *suffix]
+        covered = len(cached)
         generated: list[int] = []
-        ids = np.asarray([tokens], dtype=np.int64)
-        past: dict[str, Array] | None = None
+        ids = np.asarray([suffix if self._past else tokens], dtype=np.int64)
         presents = [present for present, _ in self._past.values()]
-        while len(generated) < max_new_tokens:
+        ttft = 0.0
+        while True:
             mask = np.ones((1, len(tokens)), dtype=np.int64)
             logits, *cache = self._run(["logits", *presents], self._text_feeds(ids, mask, past))
+            covered = len(tokens)
+            if self._past:
+                past = dict(zip(self._past, cache, strict=True))
+            if len(generated) >= max_new_tokens:
+                break
             next_id = int(np.asarray(logits[0, -1], dtype=np.float32).argmax())
+            if not generated:
+                ttft = time.perf_counter() - started
             if next_id in self._eos:
                 break
             generated.append(next_id)
             tokens.append(next_id)
+            if len(generated) >= max_new_tokens:
+                break
             if self._past:
-                past = dict(zip(self._past, cache, strict=True))
                 ids = np.asarray([[next_id]], dtype=np.int64)
             else:
                 ids = np.asarray([tokens], dtype=np.int64)
-        text = self._text_tokenizer.decode(generated, skip_special_tokens=True)
-        return {"text": text, "tokens": len(generated)}
+        return _Decoded(generated, past if self._past else None, tokens[:covered], ttft)
+
+    # ------------------------------------------------------------------ turns
+
+    def tokenize_prompt(self, prompt: str) -> list[int]:
+        """The token ids :meth:`generate_turn` (and :meth:`run_texts`) runs for ``prompt``;
+        raises :class:`InputTooLongError` past :attr:`max_length` and :class:`PayloadError` for
+        an empty prompt or a model that does not generate text."""
+        self._require_generator()
+        if not isinstance(prompt, str):
+            raise PayloadError("the prompt must be a string")
+        return self._encode([prompt])[0]
+
+    @property
+    def has_cache(self) -> bool:
+        """Whether the graph takes a KV cache (``past_key_values.*``)."""
+        return bool(self._past)
+
+    @property
+    def kv_dtype(self) -> np.dtype[Any]:
+        """The dtype of the graph's cache tensors (float32 when it has none)."""
+        for name in self._past:
+            return self._inputs[name].dtype
+        return np.dtype(np.float32)
+
+    def kv_bytes_per_token(self, fmt: KvWireFormat) -> int:
+        """Bytes one cached token takes on the wire in ``fmt`` (as
+        :meth:`KvCache.nbytes <edgefed.common.sessions.kvcache.KvCache.nbytes>` counts them):
+        per cache tensor ``heads * head_dim`` values of 2 bytes (``fp16``) or 1 byte plus a
+        2-byte scale per head (``int8``); 0 when the graph has no cache."""
+        if fmt not in ("fp16", "int8"):
+            raise ValueError(f"kv format must be fp16 or int8, not {fmt!r}")
+        total = 0
+        for _, (heads, head_dim) in self._past.values():
+            total += heads * head_dim * 2 if fmt == "fp16" else heads * (head_dim + 2)
+        return total
+
+    def check_cache(self, cache: KvCache) -> None:
+        """Raise :class:`PayloadError` unless ``cache`` fits this graph: the same cache tensor
+        names, ``(1, heads, tokens, head_dim)`` each, no longer than :attr:`max_length`."""
+        what = f"model {self.name} v{self.version}"
+        if set(cache.tensors) != set(self._past):
+            raise PayloadError(
+                f"the kv cache does not fit {what}: it has tensors "
+                f"{', '.join(sorted(cache.tensors)) or 'none'}, the graph takes "
+                f"{', '.join(sorted(self._past)) or 'none'}"
+            )
+        if cache.length > self.max_length:
+            raise InputTooLongError(
+                f"the kv cache covers {cache.length} tokens; {what} takes at most {self.max_length}"
+            )
+        for name, (_, (heads, head_dim)) in self._past.items():
+            shape = cache.tensors[name].shape
+            if shape != (1, heads, cache.length, head_dim):
+                raise PayloadError(
+                    f"the kv cache does not fit {what}: {name} has shape {list(shape)}, "
+                    f"expected {[1, heads, cache.length, head_dim]}"
+                )
+
+    def generate_turn(
+        self, prompt: str, parameters: Mapping[str, Any], cache: KvCache | None
+    ) -> TurnResult:
+        """Greedy decoding of ``prompt`` as :meth:`run_texts` does it (same tokens, limits,
+        errors and text), reusing ``cache`` for the longest common prefix of its tokens and
+        the prompt's: only the rest is prefilled. Returns the text and the cache for the next
+        turn (see :class:`TurnResult`). ``cache`` is never modified. Raises
+        :class:`PayloadError` for a cache that does not fit this graph."""
+        started = time.perf_counter()
+        self._require_generator()
+        if not isinstance(prompt, str):
+            raise PayloadError("the prompt must be a string")
+        prepared = self._prepare([prompt], parameters)
+        row = prepared.rows[0]
+        cached, past = self._reusable(row, cache)
+        decoded = self._decode(cached, past, row[len(cached) :], prepared.max_new_tokens, started)
+        text = self._text_tokenizer.decode(decoded.generated, skip_special_tokens=True)
+        out = None if decoded.past is None else KvCache(decoded.fed, decoded.past)
+        return TurnResult(
+            text=text,
+            token_ids=decoded.generated,
+            cache=out,
+            prefill_tokens=len(row) - len(cached),
+            ttft_ms=decoded.ttft_s * 1000.0,
+            total_ms=(time.perf_counter() - started) * 1000.0,
+        )
+
+    def prefill(self, token_ids: Sequence[int], cache: KvCache | None = None) -> KvCache | None:
+        """The cache of ``token_ids`` (reusing ``cache`` for their common prefix), as a handoff
+        by re-run builds it; ``None`` when the graph has no cache. Raises
+        :class:`PayloadError` for no tokens, ids outside the vocabulary or a cache that does
+        not fit, :class:`InputTooLongError` past :attr:`max_length`."""
+        self._require_generator()
+        row = [int(i) for i in token_ids]
+        if not row:
+            raise PayloadError("nothing to prefill: no token ids")
+        vocab = self._text_tokenizer.get_vocab_size(with_added_tokens=True)
+        bad = next((i for i in row if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise PayloadError(f"token id {bad} is outside the vocabulary of {vocab} tokens")
+        if len(row) > self.max_length:
+            raise InputTooLongError(
+                f"{len(row)} tokens to prefill; model {self.name} v{self.version} takes at "
+                f"most {self.max_length}"
+            )
+        if not self._past:
+            return None
+        cached, past = self._reusable(row, cache)
+        decoded = self._decode(cached, past, row[len(cached) :], 0, time.perf_counter())
+        assert decoded.past is not None
+        return KvCache(decoded.fed, decoded.past)
+
+    def _reusable(
+        self, row: list[int], cache: KvCache | None
+    ) -> tuple[list[int], dict[str, Array] | None]:
+        """The tokens of ``row`` that ``cache`` already covers and their cache (at least one
+        token of ``row`` is left to run: its logits give the next token)."""
+        if cache is None or not self._past:
+            return [], None
+        self.check_cache(cache)
+        n = min(cache.common_prefix(row), len(row) - 1)
+        if n <= 0:
+            return [], None
+        kept = cache.truncated(n)
+        return kept.token_ids, kept.tensors
+
+    def _require_generator(self) -> None:
+        self._require_text()
+        if self.task != "text-generation":
+            raise PayloadError(
+                f"model {self.name} v{self.version} ({self.task}) does not generate text"
+            )
 
     # ------------------------------------------------------------------ tensors
 
