@@ -53,6 +53,12 @@ from edgefed.common.schemas import (
 )
 from edgefed.common.serving.runtime import OnnxModel
 from edgefed.common.serving.service import Batcher, InferenceService, ModelTable
+from edgefed.common.sessions.chat import ChatFormat
+from edgefed.common.sessions.context import SessionLimits
+from edgefed.common.sessions.crypto import FleetKey
+from edgefed.common.sessions.holder import HolderSettings, SessionHolder
+from edgefed.common.sessions.store import SessionStore
+from edgefed.common.sessions.wire import SessionRequest
 from edgefed.common.settings import BrokerAddress, Settings
 from edgefed.common.topics import Topics
 from edgefed.edge.backlog import refuse_failed_over
@@ -131,8 +137,46 @@ class Agent:
         self._desired_models: dict[str, int] | None = None
         """Models of the newest desired state seen (name -> version), for readiness."""
         self._desired_generation = 0
+        self.sessions = self._session_holder()
 
     # ------------------------------------------------------------------ pieces
+
+    def _session_holder(self) -> SessionHolder | None:
+        """The holder of this agent's conversation sessions (None: sessions are off or the
+        agent has no session key)."""
+        cfg = self.config
+        if not cfg.sessions.enabled:
+            return None
+        if cfg.session_key is None:
+            log.info("no session key in the agent's config: this agent holds no session")
+            return None
+        key = FleetKey.from_base64(cfg.session_key.get_secret_value())
+        s = cfg.sessions
+        formats: dict[tuple[str, int], ChatFormat] = {}
+
+        def chat_format(model: OnnxModel) -> ChatFormat:
+            ident = (model.name, model.version)
+            if ident not in formats:
+                formats[ident] = ChatFormat.for_artifact(self.store.path(*ident))
+            return formats[ident]
+
+        return SessionHolder(
+            holder_id=cfg.agent_id,
+            topics=self.topics,
+            key=key,
+            store=SessionStore(cfg.state_dir / "sessions", key, cfg.fleet),
+            models=self.table.get,
+            chat_format=chat_format,
+            settings=HolderSettings(
+                default_ttl_s=s.default_ttl_s,
+                max_ttl_s=s.max_ttl_s,
+                limits=SessionLimits(
+                    max_context_bytes=s.max_context_bytes, max_messages=s.max_messages
+                ),
+                replica_lag_s=s.replica_lag_s,
+                max_sessions=s.max_sessions,
+            ),
+        )
 
     def _done(self, model: str, outcome: str, seconds: float) -> None:
         counts = self._outcomes.setdefault(model, {})
@@ -438,6 +482,9 @@ class Agent:
                 placements=self.placements,
             )
             await reconciler.restore()
+            if self.sessions is not None:
+                kept = self.sessions.restore()
+                log.info("holding %d session(s) kept on disk", len(kept))
             self.placements.load()  # the placements in force before a restart, until the cloud
             self.placements.on_change(self.offloader.set_placements)
             await stack.enter_async_context(self.batcher)
@@ -454,6 +501,14 @@ class Agent:
                     expected=InferenceRequest,
                     dedup=cache,
                 )
+                if self.sessions is not None:
+                    await serve(
+                        local,
+                        self.topics.agent_sessions(cfg.agent_id),
+                        self.sessions.handle_local,
+                        expected=SessionRequest,
+                        dedup=cache,
+                    )
             self.ready.set()
             log.info("agent %s serving %s", cfg.agent_id, self.table.names() or "no model yet")
 
@@ -485,6 +540,11 @@ class Agent:
                     tasks.create_task(self._cloud_setup(cache), name="cloud-setup")
                     tasks.create_task(self._reconcile_loop(reconciler), name="reconcile")
                     tasks.create_task(self._heartbeats(), name="heartbeats")
+                    if self.sessions is not None:
+                        tasks.create_task(
+                            self.sessions.replicate(self.cloud), name="session-replicas"
+                        )
+                        tasks.create_task(self.sessions.sweep(), name="session-expiry")
                     tasks.create_task(self._summaries(), name="summaries")
                     tasks.create_task(
                         drain_outbox(self.outbox, self.cloud, on_sent=self.metrics.telemetry_sent),
@@ -536,6 +596,14 @@ class Agent:
                     dedup=cache,
                     gate=refuse_failed_over,
                 )
+                if self.sessions is not None:
+                    await serve(
+                        self.cloud,
+                        self.topics.agent_sessions(cfg.agent_id),
+                        self.sessions.handle_cloud,
+                        expected=SessionRequest,
+                        dedup=cache,
+                    )
                 self._subscribed = True
                 return
             except Exception as exc:  # noqa: BLE001 - retried: the cloud may come later

@@ -130,6 +130,25 @@ class LinkConfig(BaseModel):
     """Weight of each new sample in the smoothed RTT and bandwidth."""
 
 
+class SessionsConfig(BaseModel):
+    """Conversation sessions this agent holds (:mod:`edgefed.common.sessions.holder`).
+
+    Sessions need the fleet's session key (``session_key`` of the agent's config, handed out at
+    join): contexts are encrypted with it at rest and on the wire. Without it the agent holds no
+    session and refuses session requests with a clear error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    default_ttl_s: float = Field(default=3600.0, gt=0)
+    max_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    max_context_bytes: int = Field(default=64_000, ge=256)
+    max_messages: int = Field(default=200, ge=2)
+    max_sessions: int = Field(default=1000, ge=1)
+    replica_lag_s: float = Field(default=0.5, gt=0, le=60)
+    """A change reaches the controller's replica at most this late while the link is up."""
+
+
 class TrainingConfig(BaseModel):
     """Federated fine-tuning on this device (``edgefed[edge-train]``): the agent runs a Flower
     SuperNode that connects to the controller's SuperLink and trains on ``data_dir``.
@@ -218,6 +237,10 @@ class AgentConfig(BaseModel):
     """Offloading local applications' requests to the cloud or to split execution."""
     link: LinkConfig = Field(default_factory=LinkConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    sessions: SessionsConfig = Field(default_factory=SessionsConfig)
+    session_key: SecretStr | None = None
+    """The fleet's session key (base64, 32 bytes): encrypts session contexts at rest and on the
+    wire. Handed out by the controller at join; unset: no sessions on this agent."""
     """Federated fine-tuning with a Flower SuperNode (off by default)."""
     emulated_speed_factor: float = Field(default=1.0, gt=0, le=1000)
     """Simulation only: after each batch really runs, wait ``(factor - 1) x`` its measured run
@@ -239,7 +262,7 @@ class AgentConfig(BaseModel):
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.state_dir / CONFIG_NAME
         data = self.model_dump(mode="json")
-        for secret in ("mqtt_password", "agent_token"):
+        for secret in ("mqtt_password", "agent_token", "session_key"):
             value = getattr(self, secret)
             data[secret] = value.get_secret_value() if value is not None else None
         tmp = path.with_name(f".{CONFIG_NAME}.tmp")

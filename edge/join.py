@@ -7,7 +7,9 @@ Contract with the controller (``POST {controller}/api/v1/agents/join``)::
     200       {"agent_id": str, "fleet": str, "broker_url": str,
                "mqtt_username": str | null, "mqtt_password": str | null,
                "agent_token": str | null, "artifact_signing_keys": [base64 Ed25519 keys],
-               "labels": {str: str} (optional: the labels the controller recorded)}
+               "labels": {str: str} (optional: the labels the controller recorded),
+               "session_key": str | null (the fleet's session key, base64; null: the
+               controller holds no sessions)}
     401/403   the token is invalid, expired or already used
 
 The answer becomes ``<state_dir>/agent.json`` (mode 0600).
@@ -25,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from edgefed import __version__
 from edgefed.common.artifact import VerifyKey
 from edgefed.common.errors import ArtifactError, ConfigError
+from edgefed.common.sessions.crypto import FleetKey
+from edgefed.common.sessions.errors import SessionKeyError
 from edgefed.edge.config import AgentConfig
 from edgefed.edge.errors import ControllerUnavailable, JoinRefused
 
@@ -43,6 +47,8 @@ class JoinAnswer(BaseModel):
     artifact_signing_keys: list[str] = Field(min_length=1)
     labels: dict[str, str] | None = None
     """The labels the controller recorded (the agent's own and its join token's)."""
+    session_key: SecretStr | None = None
+    """The fleet's session key (base64): encrypts conversation contexts at rest and in transit."""
 
 
 def join(
@@ -86,7 +92,9 @@ def join(
         answer = JoinAnswer.model_validate_json(response.content)
         for key in answer.artifact_signing_keys:
             VerifyKey.from_base64(key)
-    except (ValidationError, ArtifactError) as exc:
+        if answer.session_key is not None:
+            FleetKey.from_base64(answer.session_key.get_secret_value())
+    except (ValidationError, ArtifactError, SessionKeyError) as exc:
         raise ControllerUnavailable(f"the controller's join answer is not valid: {exc}") from exc
     config = AgentConfig(
         agent_id=answer.agent_id,
@@ -96,6 +104,7 @@ def join(
         mqtt_username=answer.mqtt_username,
         mqtt_password=answer.mqtt_password,
         agent_token=answer.agent_token,
+        session_key=answer.session_key,
         trusted_keys=answer.artifact_signing_keys,
         labels=dict(answer.labels) if answer.labels is not None else dict(labels or {}),
         device_profile=device_profile,
