@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 KvWireFormat = Literal["fp16", "int8"]
-KV_FORMATS: tuple[str, ...] = get_args(KvWireFormat)
+KV_FORMATS: tuple[KvWireFormat, ...] = get_args(KvWireFormat)
 KV_PREFIX = "kv."
 SCALE_SUFFIX = ".scale"
 _INT8_MAX = 127
