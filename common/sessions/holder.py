@@ -354,6 +354,7 @@ class SessionHolder:
         if request.kv_format != "none":
             kv = {k: v for k, v in tensors.items() if k != CONTEXT_TENSOR}
             cache = kv_from_wire(kv, request.kv or {}, dtype=model.kv_dtype)
+            model.check_cache(cache)  # a cache of another graph is refused here, not at a turn
             method = "kv-int8" if request.kv_format == "int8" else "kv-fp16"
         else:
             method = "rerun"
