@@ -11,6 +11,8 @@ What runs, all on one asyncio loop:
   publisher);
 * with ``[controller.federation] enabled``, a Flower SuperLink (a supervised child process)
   and the federation service that runs federated learning runs on it;
+* with ``[controller.sessions] enabled`` (the default), the session service: conversation
+  sessions' directory and replicas, their placement on agents and handoffs between them;
 * with pools in ``[controller.autoscaler]``, the pool monitor (workers' load reports) and the
   autoscaler, resizing worker Deployments when ``[controller.kubernetes] enabled``.
 
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import uvicorn
+from prometheus_client import CollectorRegistry
 
 from edgefed.cloud.api.app import create_app
 from edgefed.cloud.api.state import ControllerState
@@ -50,6 +53,7 @@ from edgefed.cloud.gateway import Gateway
 from edgefed.cloud.jobs.supervisor import JobSupervisor
 from edgefed.cloud.rollout.engine import RolloutEngine
 from edgefed.cloud.services import Kickable, Services
+from edgefed.cloud.sessions.service import SessionService
 from edgefed.cloud.settings import CloudSettings
 from edgefed.cloud.split.placements import PlacementService
 from edgefed.common.broker import PrivateBroker
@@ -202,6 +206,41 @@ async def start_federation(
     return service
 
 
+async def start_sessions(
+    settings: CloudSettings,
+    state: ControllerState,
+    stack: contextlib.AsyncExitStack,
+    tasks: list[asyncio.Task[None]],
+    *,
+    gateway: Gateway | None = None,
+    registry: CollectorRegistry | None = None,
+) -> SessionService | None:
+    """``[controller.sessions] enabled`` (the default): the session service on an MQTT client
+    of its own (entered on ``stack``), its sweeper appended to ``tasks``."""
+    ctl = settings.controller
+    key = state.session_key
+    if not ctl.sessions.enabled or key is None:
+        return None
+    client = MqttClient.from_settings(
+        settings, client_id=f"edgefed-sessions-{settings.fleet}-{os.getpid()}"
+    )
+    await stack.enter_async_context(client)
+    service = SessionService(
+        client,
+        Topics(settings.fleet),
+        state.write_sessions,
+        key,
+        ctl.sessions,
+        read_sessions=state.sessions,
+        targets=gateway.targets if gateway is not None else None,
+        registry=registry,
+    )
+    await service.start()
+    tasks.append(asyncio.create_task(service.run(), name="sessions"))
+    log.info("sessions: key %s, default ttl %.0f s", key.fingerprint(), ctl.sessions.default_ttl_s)
+    return service
+
+
 @asynccontextmanager
 async def controller(settings: CloudSettings) -> AsyncIterator[Running]:
     """Start everything; yield once the API answers; stop everything when the block ends.
@@ -249,7 +288,7 @@ async def controller(settings: CloudSettings) -> AsyncIterator[Running]:
         gateway_client = MqttClient.from_settings(
             settings, client_id=f"edgefed-gateway-{settings.fleet}-{os.getpid()}"
         )
-        async with client, gateway_client:
+        async with client, gateway_client, contextlib.AsyncExitStack() as stack:
             monitor = FleetMonitor(client, topics, state.write_sessions)
             publisher = DesiredStatePublisher(
                 client, topics, store=state.artifact_store, public_url=ctl.resolved_public_url
@@ -296,6 +335,9 @@ async def controller(settings: CloudSettings) -> AsyncIterator[Running]:
                     settings, client, tasks, registry=app.state.metrics.registry
                 )
             gateway = await Gateway.start(gateway_client, settings)
+            sessions = await start_sessions(
+                settings, state, stack, tasks, gateway=gateway, registry=app.state.metrics.registry
+            )
             services = Services(
                 jobs=supervisor,
                 rollouts=engine,
@@ -304,6 +346,7 @@ async def controller(settings: CloudSettings) -> AsyncIterator[Running]:
                 placements=placements,
                 federation=federation,
                 autoscaler=autoscaler,
+                sessions=sessions,
             )
             app.state.services = services
             log.info("controller for fleet %s serving at %s", settings.fleet, url)

@@ -8,6 +8,7 @@ own their loops (worker processes, MQTT, rollouts) and are started in the app's 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -16,7 +17,9 @@ from edgefed.common.schemas import InferenceRequest
 
 if TYPE_CHECKING:
     from edgefed.cloud.orchestration.service import PoolState
+    from edgefed.cloud.sessions.service import SessionView, TurnOutcome
     from edgefed.cloud.split.placements import PlannedPlacement
+    from edgefed.common.sessions.wire import SessionSummary
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,42 @@ class AutoscalerView(Protocol):
         """Every autoscaled pool: settings, last sample, last decisions, vertical hints."""
 
 
+class SessionControl(Protocol):
+    """Conversation sessions (:class:`edgefed.cloud.sessions.service.SessionService`). Every
+    call names the owner (the caller's token); another owner's session is not found."""
+
+    async def create(
+        self,
+        owner: str,
+        *,
+        model: str,
+        system_prompt: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        ttl_s: float | None = None,
+    ) -> SessionSummary:
+        """A new session; it gets a holder at its first turn."""
+
+    async def list_sessions(self, owner: str) -> list[SessionSummary]:
+        """The owner's active sessions."""
+
+    async def get(self, owner: str, session_id: str) -> SessionView:
+        """One session with its conversation."""
+
+    async def turn(
+        self,
+        owner: str,
+        session_id: str,
+        message: str,
+        parameters: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> TurnOutcome:
+        """One turn of the conversation on the session's holder."""
+
+    async def delete(self, owner: str, session_id: str) -> SessionSummary:
+        """Delete the session and every copy of it."""
+
+
 @dataclass
 class Services:
     jobs: JobService | None = None
@@ -89,3 +128,4 @@ class Services:
     placements: PlacementView | None = None
     federation: FederationControl | None = None
     autoscaler: AutoscalerView | None = None
+    sessions: SessionControl | None = None

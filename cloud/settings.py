@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from edgefed.cloud.brokerauth.settings import MqttAuthSettings
 from edgefed.cloud.orchestration.kube_settings import KubernetesSettings
 from edgefed.cloud.orchestration.signals import AutoscalerSettings
+from edgefed.cloud.sessions.settings import SessionSettings
 from edgefed.common.devices import UnknownDeviceProfile, load_profile
 from edgefed.common.routing import POLICY_NAMES
 from edgefed.common.settings import Settings, load_settings
@@ -203,6 +204,8 @@ class ControllerSettings(BaseModel):
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
     """The Kubernetes API server the controller applies manifests to and scales workers on
     (``[controller.kubernetes]``; off by default)."""
+    sessions: SessionSettings = Field(default_factory=SessionSettings)
+    """Conversation sessions (``[controller.sessions]``): TTLs, limits, placement, handoffs."""
     dev_mode: bool = False
     """Allow plain HTTP off loopback and similar conveniences for development."""
 
@@ -262,6 +265,10 @@ class ControllerSettings(BaseModel):
     @property
     def resolved_signing_key(self) -> Path:
         return self.signing_key or self.data_dir / "signing.key"
+
+    @property
+    def resolved_session_key(self) -> Path:
+        return self.sessions.key_file or self.data_dir / "session.key"
 
     @property
     def resolved_public_url(self) -> str:

@@ -168,6 +168,9 @@ class JoinAnswer(BaseModel):
     """Base64 Ed25519 public keys whose signatures the agent accepts."""
     labels: dict[str, str] = Field(default_factory=dict)
     """The labels recorded for the agent: its own, overridden by its join token's."""
+    session_key: str | None = None
+    """The fleet's session key (base64): encrypts conversation contexts at rest and in transit
+    (``None``: this controller keeps no sessions)."""
 
 
 class AgentPublic(_Out):

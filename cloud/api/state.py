@@ -13,6 +13,7 @@ from edgefed.cloud.api.ratelimit import RateLimiter
 from edgefed.cloud.brokerauth.files import BrokerAuth
 from edgefed.cloud.settings import CloudSettings, ControllerSettings
 from edgefed.common.artifact import SigningKey
+from edgefed.common.sessions.crypto import FleetKey
 
 
 @dataclass
@@ -35,6 +36,15 @@ class ControllerState:
     @property
     def controller(self) -> ControllerSettings:
         return self.settings.controller
+
+    @functools.cached_property
+    def session_key(self) -> FleetKey | None:
+        """The fleet's session key (``[controller.sessions]``; created on first use, mode
+        0600); None when sessions are off."""
+        ctl = self.settings.controller
+        if not ctl.sessions.enabled:
+            return None
+        return FleetKey.load_or_create(ctl.resolved_session_key)
 
     @functools.cached_property
     def broker_auth(self) -> BrokerAuth | None:

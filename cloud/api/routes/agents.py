@@ -150,6 +150,7 @@ def join(
         agent_token=secret,
         artifact_signing_keys=[state.signing_key.verify_key.to_base64()],
         labels=labels,
+        session_key=state.session_key.to_base64() if state.session_key is not None else None,
     )
 
 

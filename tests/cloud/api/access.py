@@ -63,6 +63,12 @@ REQUIRED: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/infer"): "reader",
     ("GET", "/api/v1/infer/targets"): "reader",
     ("GET", "/api/v1/split/placements"): "reader",
+    # Sessions: any reader token, for its own sessions only (another token's are not found).
+    ("POST", "/api/v1/sessions"): "reader",
+    ("GET", "/api/v1/sessions"): "reader",
+    ("GET", "/api/v1/sessions/{session_id}"): "reader",
+    ("POST", "/api/v1/sessions/{session_id}/turns"): "reader",
+    ("DELETE", "/api/v1/sessions/{session_id}"): "reader",
 }
 """Who may call each route. A route under /api/v1 missing here is only checked for refusing
 callers without a valid token (AUTHENTICATED): declare it here to check its scope."""

@@ -69,6 +69,7 @@ def test_every_route_against_every_kind_of_token(api: Api) -> None:
         "job_id": "2147483000",
         "deployment_id": "2147483000",
         "run_id": "2147483000",
+        "session_id": "f" * 32,
     }
     routes = app_routes(api.app)
     assert set(REQUIRED) <= set(routes), "REQUIRED names routes the app does not serve"

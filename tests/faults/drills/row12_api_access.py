@@ -113,6 +113,7 @@ def _tokens(ctl: Controller) -> tuple[dict[str, str | None], dict[str, str], set
         "job_id": MISSING_ID,
         "deployment_id": MISSING_ID,
         "run_id": MISSING_ID,
+        "session_id": "f" * 32,
     }
     protected = {1, revoked_id, expired_id, reader_id, operator_id}
     return tokens, values, protected
