@@ -26,7 +26,15 @@ from edgefed.cloud.settings import load_cloud_settings
 from edgefed.common.broker import PrivateBroker
 from edgefed.common.mqtt import MqttClient, Will
 from edgefed.common.rpc import ReplyCache, serve
-from edgefed.common.schemas import AgentState, AgentStatus, LoadedModel, encode
+from edgefed.common.schemas import (
+    AgentState,
+    AgentStatus,
+    Heartbeat,
+    LatencyFigures,
+    LoadedModel,
+    ResourceFigures,
+    encode,
+)
 from edgefed.common.serving.runtime import OnnxModel
 from edgefed.common.sessions.chat import ChatFormat
 from edgefed.common.sessions.context import SessionLimits
@@ -119,6 +127,24 @@ class FakeAgent:
         await self.client.publish(
             self.topics.agent_status(self.agent_id), self._status(state), qos=1, retain=True
         )
+
+    async def beat(self, latency_ms: float, seq: int = 1) -> None:
+        """A heartbeat saying how fast this agent serves the model now."""
+        assert self.client is not None
+        beat = Heartbeat(
+            agent_id=self.agent_id,
+            seq=seq,
+            resources=ResourceFigures(
+                cpu_percent=10, memory_used_bytes=1 << 20, memory_total_bytes=1 << 30
+            ),
+            models=[LoadedModel(name=self.model.name, version=1)],
+            latency={
+                self.model.name: LatencyFigures(
+                    count=20, p50_ms=latency_ms, p99_ms=latency_ms, ewma_ms=latency_ms
+                )
+            },
+        )
+        await self.client.publish(self.topics.heartbeat(self.agent_id), encode(beat).payload, qos=0)
 
     async def stop(self, *, will: bool = True) -> None:
         """The agent goes away (its last will says offline)."""

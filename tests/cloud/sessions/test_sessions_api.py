@@ -18,9 +18,9 @@ import pytest
 
 from edgefed.cloud.registry.models import SessionState
 from edgefed.common.broker import PrivateBroker
-from edgefed.common.schemas import AgentState
+from edgefed.common.schemas import AgentState, encode
 from edgefed.common.serving.runtime import OnnxModel
-from edgefed.common.sessions.context import ChatMessage
+from edgefed.common.sessions.context import ChatMessage, SessionContext
 from edgefed.common.sessions.wire import CONTEXT_TENSOR, SessionReplica
 from tests.cloud.sessions.rig import PARAMS, Rig, SlowModel, bearer, session_rig
 from tests.edge.tiny_artifacts import TinyArtifact, build_tiny_artifacts
@@ -398,3 +398,83 @@ async def test_a_session_gets_503_with_retry_after_when_no_agent_serves_its_mode
     assert row is not None
     assert row.version == 0
     assert row.holder is None
+
+
+async def test_a_session_moves_off_a_holder_much_slower_than_another(rig: Rig) -> None:
+    alice = await rig.token("alice")
+    sid = await _create(rig, alice)
+    first = await _turn(rig, alice, sid, "the fan rattles")
+    old = str(first["holder"])
+    new = next(a for a in rig.agents if a != old)
+    # Within the move factor (2): the session stays.
+    await rig.agents[old].beat(latency_ms=150)
+    await rig.agents[new].beat(latency_ms=100)
+    model = rig.tiny.name
+    await rig.wait_for(
+        "heartbeats seen", lambda: rig.service.directory.latency_ms(new, model) == 100
+    )
+    second = await _turn(rig, alice, sid, "since this morning")
+    assert second["holder"] == old
+    assert second["handoff"] is None
+    # Far slower than the best live agent: the session moves, from the old holder.
+    await rig.agents[old].beat(latency_ms=900, seq=2)
+    await rig.wait_for(
+        "heartbeat seen", lambda: rig.service.directory.latency_ms(old, model) == 900
+    )
+    third = await _turn(rig, alice, sid, "should i stop it")
+    assert third["holder"] == new
+    handoff = third["handoff"]
+    assert isinstance(handoff, dict)
+    assert (handoff["reason"], handoff["source"]) == ("latency", old)
+    assert third["version"] == 3
+    await rig.wait_for("the old holder's copy deleted", lambda: not rig.agents[old].on_disk(sid))
+
+
+async def test_a_local_apps_session_is_replicated_but_no_token_session_can_be_planted(
+    rig: Rig,
+) -> None:
+    key = rig.running.state.session_key
+    assert key is not None
+    fleet = rig.running.settings.fleet
+    agent = rig.agents["h1"]
+    assert agent.client is not None
+
+    def replica(owner: str, sid: str) -> tuple[SessionReplica, dict[str, np.ndarray]]:
+        ctx = SessionContext(
+            session_id=sid,
+            owner=owner,
+            model=rig.tiny.name,
+            created_at=time.time(),
+            expires_at=time.time() + 600,
+            ttl_s=600,
+        )
+        record = key.seal_context(fleet, ctx)
+        return (
+            SessionReplica(
+                session_id=sid,
+                holder="h1",
+                version=0,
+                owner=owner,
+                model=ctx.model,
+                expires_at=ctx.expires_at,
+                sent_at=time.time(),
+            ),
+            {CONTEXT_TENSOR: np.frombuffer(record, dtype=np.uint8)},
+        )
+
+    # A local app's session on h1, published as a holder does: kept, h1 its holder.
+    encoded = encode(*replica("key:" + "0" * 64, "b" * 32))
+    await agent.client.publish(
+        agent.topics.session_replica("h1"),
+        encoded.payload,
+        qos=1,
+        content_type=encoded.content_type,
+    )
+    await rig.wait_for("the local session replicated", lambda: rig.row("b" * 32) is not None)
+    row = rig.row("b" * 32)
+    assert row is not None
+    assert row.holder == "h1"
+    assert row.state == SessionState.ACTIVE
+    # An API token's session the controller never made is no one's: not planted.
+    await rig.service.take_replica("h1", *replica("token:1", "a" * 32))
+    assert rig.row("a" * 32) is None
