@@ -194,7 +194,7 @@ class SessionService:
             "edgefed_session_handoffs",
             "Sessions moved between holders, by reason and method",
             ["reason", "method"],
-            registry=registry,
+            registry=registry if registry is not None else CollectorRegistry(),
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -811,7 +811,7 @@ class SessionService:
                 timeout=self.settings.adopt_timeout_s,
             )
             taken = reply.message.handoff
-        except RemotePermanentError as exc:
+        except RemoteError as exc:
             if exc.code is not ErrorCode.CONFLICT:
                 raise
             # The target keeps a newer copy already (it held the session before): use it.

@@ -99,7 +99,7 @@ class FakeAgent:
             settings=HolderSettings(
                 limits=SessionLimits(max_context_bytes=4_000, max_messages=50),
                 replica_lag_s=0.05,
-                sweep_s=0.2,
+                sweep_s=3600,  # copies of expired sessions go when the controller says so
             ),
         )
         self.holder.restore()
@@ -222,6 +222,7 @@ async def session_rig(
     model: OnnxModel,
     *,
     agents: tuple[str, ...] = ("h1", "h2"),
+    database_url: str | None = None,
     **sessions: Any,
 ) -> AsyncIterator[Rig]:
     mqtt = fast_settings(broker.url, fleet).mqtt.model_dump()
@@ -231,6 +232,7 @@ async def session_rig(
         mqtt=mqtt,
         controller={
             "data_dir": tmp_path / "ctl",
+            "database_url": database_url,
             "port": 0,
             "gateway_pools": [],
             "sessions": {"sweep_s": 0.2, "turn_timeout_s": 30, **sessions},

@@ -22,8 +22,11 @@ from edgefed.common.schemas import AgentState, encode
 from edgefed.common.serving.runtime import OnnxModel
 from edgefed.common.sessions.context import ChatMessage, SessionContext
 from edgefed.common.sessions.wire import CONTEXT_TENSOR, SessionReplica
+from tests.cloud.registry.conftest import db_url
 from tests.cloud.sessions.rig import PARAMS, Rig, SlowModel, bearer, session_rig
 from tests.edge.tiny_artifacts import TinyArtifact, build_tiny_artifacts
+
+__all__ = ["db_url"]
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -40,9 +43,15 @@ def model(tiny: TinyArtifact) -> OnnxModel:
 
 @pytest.fixture
 async def rig(
-    broker: PrivateBroker, fleet: str, tmp_path: Path, tiny: TinyArtifact, model: OnnxModel
+    broker: PrivateBroker,
+    fleet: str,
+    tmp_path: Path,
+    tiny: TinyArtifact,
+    model: OnnxModel,
+    db_url: str,
 ) -> AsyncIterator[Rig]:
-    async with session_rig(broker, fleet, tmp_path, tiny, model) as r:
+    """The rig on an SQLite file, and on PostgreSQL when EDGEFED_TEST_POSTGRES_URL is set."""
+    async with session_rig(broker, fleet, tmp_path, tiny, model, database_url=db_url) as r:
         yield r
 
 
