@@ -21,7 +21,7 @@ from edgefed.cloud.registry.db import as_utc, session_scope
 from edgefed.cloud.registry.models import SessionRecord, SessionState
 from edgefed.common.sessions.context import SessionContext
 
-__all__ = ["Row", "SessionTable"]
+__all__ = ["Owed", "Row", "SessionTable"]
 
 
 def _ts(value: datetime | None) -> float | None:
@@ -78,6 +78,21 @@ class Row:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Owed:
+    """A session whose copies on ``pending_deletes`` are still to be deleted."""
+
+    id: str
+    owner: str
+    state: SessionState
+    holder: str | None
+    pending_deletes: tuple[str, ...]
+
+    @property
+    def active(self) -> bool:
+        return self.state is SessionState.ACTIVE
+
+
 def _with(pending: Iterable[str], add: Iterable[str] = (), drop: Iterable[str] = ()) -> list[str]:
     out = [p for p in pending if p not in set(drop)]
     for agent in add:
@@ -128,11 +143,24 @@ class SessionTable:
                 ).all()
             )
 
-    def owing_deletes(self) -> list[Row]:
-        """Ended sessions and moved ones with holders that may still keep a copy."""
+    def owing_deletes(self) -> list[Owed]:
+        """Sessions with holders that may still keep a copy they must delete (previous holders
+        of moved sessions, every holder of ended ones). Reads no context."""
         with session_scope(self._read) as session:
-            rows = session.scalars(select(SessionRecord)).all()
-            return [Row.of(r) for r in rows if r.pending_deletes]
+            rows = session.execute(
+                select(
+                    SessionRecord.id,
+                    SessionRecord.owner,
+                    SessionRecord.state,
+                    SessionRecord.holder,
+                    SessionRecord.pending_deletes,
+                )
+            ).all()
+            return [
+                Owed(r.id, r.owner, SessionState(r.state), r.holder, tuple(r.pending_deletes))
+                for r in rows
+                if r.pending_deletes
+            ]
 
     # ------------------------------------------------------------------ writes
 

@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from edgefed.cloud.registry.models import SessionState
 from edgefed.cloud.sessions.directory import AgentDirectory
-from edgefed.cloud.sessions.records import Row, SessionTable
+from edgefed.cloud.sessions.records import Owed, Row, SessionTable
 from edgefed.cloud.sessions.settings import SessionSettings
 from edgefed.common.errors import (
     ErrorCode,
@@ -92,6 +92,8 @@ _MAX_REPLICA_BYTES = 64 * 1024 * 1024
 _DIED_GRACE_S = 3.0
 """After a failed turn, how long to wait for the holder's status to say it went away."""
 _KV_PREFIX = "kv."
+_DELETES_AT_ONCE = 16
+_DELETE_BACKOFF_MAX_S = 600.0
 
 LOCAL_OWNER_PREFIX = "key:"
 """Owners of sessions local apps created on a holder (:func:`owner_of_key`)."""
@@ -190,6 +192,9 @@ class SessionService:
         }
         self._placed: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._retry_at: dict[tuple[str, str], float] = {}
+        self._backoff: dict[tuple[str, str], float] = {}
+        self._delete_slots = asyncio.Semaphore(_DELETES_AT_ONCE)
         self.handoffs = Counter(
             "edgefed_session_handoffs",
             "Sessions moved between holders, by reason and method",
@@ -230,8 +235,8 @@ class SessionService:
         for sid in await asyncio.to_thread(self.table.due_to_expire, now):
             if await self._end(sid, SessionState.EXPIRED) is not None:
                 expired.append(sid)
-        for row in await asyncio.to_thread(self.table.owing_deletes):
-            await self._send_deletes(row, [a for a in row.pending_deletes])
+        owed = await asyncio.to_thread(self.table.owing_deletes)
+        await asyncio.gather(*(self._send_deletes(o, list(o.pending_deletes)) for o in owed))
         await asyncio.to_thread(
             self.table.purge_tombstones, now - self.settings.tombstone_retention_s
         )
@@ -462,19 +467,35 @@ class SessionService:
             log.info("session %s expired at %s: deleting its copies", session_id, before.expires_at)
         row = await asyncio.to_thread(self.table.get, session_id)
         if row is not None:
-            await self._send_deletes(row, list(row.pending_deletes))
+            await self._send_deletes(row, list(row.pending_deletes), now=True)
         return before
 
     # ------------------------------------------------------------------ deletes
 
-    async def _send_deletes(self, row: Row, agents: list[str]) -> None:
-        for agent in agents:
+    async def _send_deletes(self, row: Row | Owed, agents: list[str], *, now: bool = False) -> None:
+        """Ask each of ``agents`` that is reachable to delete its copy (concurrently); one that
+        failed is asked again after a backoff (at once with ``now``, or when it is back)."""
+
+        async def one(agent: str) -> None:
+            key = (row.id, agent)
             if row.active and agent == row.holder:
-                continue
+                return
             if not self.directory.reachable(agent):
-                continue
-            if await self._delete_on(agent, row.id, row.owner):
+                return
+            if not now and self._retry_at.get(key, 0.0) > time.monotonic():
+                return
+            async with self._delete_slots:
+                done = await self._delete_on(agent, row.id, row.owner)
+            if done:
+                self._retry_at.pop(key, None)
+                self._backoff.pop(key, None)
                 await asyncio.to_thread(self.table.deleted_on, row.id, agent)
+            else:
+                wait = min(self._backoff.get(key, self.settings.sweep_s) * 2, _DELETE_BACKOFF_MAX_S)
+                self._backoff[key] = wait
+                self._retry_at[key] = time.monotonic() + wait
+
+        await asyncio.gather(*(one(a) for a in agents))
 
     async def _delete_on(self, agent: str, session_id: str, owner: str) -> bool:
         """Ask ``agent`` to delete its copy; True once it has none."""
@@ -505,9 +526,14 @@ class SessionService:
 
     async def _catch_up(self, agent: str) -> None:
         try:
-            for row in await asyncio.to_thread(self.table.owing_deletes):
-                if agent in row.pending_deletes:
-                    await self._send_deletes(row, [agent])
+            owed = await asyncio.to_thread(self.table.owing_deletes)
+            await asyncio.gather(
+                *(
+                    self._send_deletes(o, [agent], now=True)
+                    for o in owed
+                    if agent in o.pending_deletes
+                )
+            )
         except Exception:
             log.exception("owed session deletes to %s failed; the sweeper retries", agent)
 
