@@ -829,12 +829,15 @@ class SessionService:
         )
         started = time.perf_counter()
         try:
-            reply = await self.requester.request(
-                self.topics.agent_sessions(target),
-                adopt,
-                SessionReply,
-                tensors={**_context_tensor(record), **kv_tensors},
-                timeout=self.settings.adopt_timeout_s,
+            reply = await self._unless_gone(
+                target,
+                self.requester.request(
+                    self.topics.agent_sessions(target),
+                    adopt,
+                    SessionReply,
+                    tensors={**_context_tensor(record), **kv_tensors},
+                    timeout=self.settings.adopt_timeout_s,
+                ),
             )
             taken = reply.message.handoff
         except RemoteError as exc:
@@ -844,12 +847,16 @@ class SessionService:
             log.info("holder %s keeps a newer copy of session %s: using it", target, row.id)
             taken = None
         took_ms = (time.perf_counter() - started) * 1000.0
+        # The prefill meter learns only from token counts a holder gave (not from the guess).
+        measured = taken_from is not None or (
+            taken is not None and taken.context_tokens != plan_record.context_tokens
+        )
         final = (taken or plan_record).model_copy(
             update={"target": target, "source": taken_from, "reason": reason}
         )
         if taken is None:
             final = final.model_copy(update={"took_ms": took_ms})
-        if final.method == "rerun" and final.took_ms > 0:
+        if final.method == "rerun" and final.took_ms > 0 and measured:
             self._meter(target).observe(final.context_tokens, final.took_ms)
         stale = [source] if source is not None and source != target else []
         if (
