@@ -487,3 +487,32 @@ async def test_a_local_apps_session_is_replicated_but_no_token_session_can_be_pl
     # An API token's session the controller never made is no one's: not planted.
     await rig.service.take_replica("h1", *replica("token:1", "a" * 32))
     assert rig.row("a" * 32) is None
+
+
+async def test_a_replica_saying_deleted_settles_the_delete_owed_by_that_holder(rig: Rig) -> None:
+    alice = await rig.token("alice")
+    sid = await _create(rig, alice)
+    first = await _turn(rig, alice, sid, "first")
+    old = str(first["holder"])
+    await rig.agents[old].stop()
+    await rig.wait_live(old, live=False)
+    await _turn(rig, alice, sid, "second")
+    row = rig.row(sid)
+    assert row is not None
+    assert row.pending_deletes == [old]
+    gone = SessionReplica(
+        session_id=sid,
+        holder=old,
+        version=1,
+        owner=row.owner,
+        model=row.model,
+        expires_at=time.time() + 60,
+        deleted=True,
+        sent_at=time.time(),
+    )
+    await rig.service.take_replica(old, gone, {})
+    row = rig.row(sid)
+    assert row is not None
+    assert row.pending_deletes == []
+    assert row.holder != old  # the new holder keeps the session
+    assert row.state == SessionState.ACTIVE
