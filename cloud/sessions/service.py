@@ -759,7 +759,7 @@ class SessionService:
                     second = await self._export(source, row, "fp16")
                     self._learn_kv(row.model, second.tensors)
                     per_token = self._kv_per_token(row.model, None)
-                    if second.message.kv is not None:
+                    if _ships_kv(second.tensors):
                         kv_tensors = {
                             n: t for n, t in second.tensors.items() if n.startswith(_KV_PREFIX)
                         }
@@ -785,7 +785,7 @@ class SessionService:
                         kv_tensors, kv_meta, kv_format = {}, None, "none"
                     elif wanted != kv_format:
                         third = await self._export(source, row, wanted)
-                        if third.message.kv is not None:
+                        if _ships_kv(third.tensors):
                             kv_tensors = {
                                 n: t for n, t in third.tensors.items() if n.startswith(_KV_PREFIX)
                             }
@@ -953,3 +953,9 @@ class SessionService:
             holder=target,
             timings_ms={k: float(v) for k, v in reply.timings_ms.items()},
         )
+
+
+def _ships_kv(tensors: Mapping[str, np.ndarray]) -> bool:
+    """Whether an export's reply carries a cache (a holder without one sends only the context
+    and the cache's size per token)."""
+    return any(name.startswith(_KV_PREFIX) for name in tensors)

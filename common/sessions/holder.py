@@ -319,14 +319,18 @@ class SessionHolder:
     async def _export(self, request: SessionRequest, ctx: SessionContext) -> Encoded:
         tensors = self._sealed(ctx)
         cache = self._caches.get(ctx.session_id)
-        meta: dict[str, Any] | None = None
-        if cache is not None:
-            tokens = cache.length
-        else:
-            tokens = len(self._history_ids(self.models(ctx.model), ctx))
+        model = self.models(ctx.model)
+        tokens = cache.length if cache is not None else len(self._history_ids(model, ctx))
+        meta: dict[str, Any] = {}
         if request.kv_format != "none" and cache is not None:
             kv_tensors, meta = kv_to_wire(cache, request.kv_format)
             tensors.update(kv_tensors)
+        # What a cache of this model costs on the wire, so that the planner can price shipping
+        # it before asking for it.
+        meta = {
+            **meta,
+            "bytes_per_token": {f: model.kv_bytes_per_token(f) for f in ("fp16", "int8")},
+        }
         reply = self._reply(
             request, summary=ctx.summary(self.holder_id), kv=meta, context_tokens=tokens
         )
@@ -367,7 +371,14 @@ class SessionHolder:
             self._caches.pop(ctx.session_id, None)
         took = (time.perf_counter() - started) * 1000.0
         record = (
-            plan.model_copy(update={"method": method, "took_ms": took, "target": self.holder_id})
+            plan.model_copy(
+                update={
+                    "method": method,
+                    "took_ms": took,
+                    "target": self.holder_id,
+                    "context_tokens": cache.length if cache is not None else plan.context_tokens,
+                }
+            )
             if plan is not None
             else HandoffRecord(
                 session_id=ctx.session_id,

@@ -250,7 +250,11 @@ async def test_a_session_moves_with_its_cache_or_by_rerun_and_answers_the_same(
     )
     assert CONTEXT_TENSOR in export.tensors
     assert export.message.context_tokens > 0
-    assert (export.message.kv is not None) == (kv_format != "none")
+    assert export.message.kv is not None
+    assert (
+        export.message.kv["bytes_per_token"]["fp16"] > export.message.kv["bytes_per_token"]["int8"]
+    )
+    assert any(n.startswith("kv.") for n in export.tensors) == (kv_format != "none")
     method = {"fp16": "kv-fp16", "int8": "kv-int8", "none": "rerun"}[kv_format]
     plan = HandoffRecord(
         session_id=sid,
