@@ -31,9 +31,9 @@ from edgefed.common.schemas import Identifier, NonNegative, WireModel, new_id
 __all__ = [
     "CONTEXT_TENSOR",
     "SESSION_ID_PATTERN",
-    "SessionId",
     "HandoffRecord",
     "KvFormat",
+    "SessionId",
     "SessionOp",
     "SessionReplica",
     "SessionReply",
@@ -112,7 +112,8 @@ class SessionRequest(WireModel):
     kv_format: KvFormat = "none"
     """export: the cache to ship with the context; adopt: the cache that came with it."""
     kv: dict[str, Any] | None = None
-    """adopt: metadata of the ``kv.*`` tensors (:func:`edgefed.common.sessions.kvcache.kv_to_wire`)."""
+    """adopt: metadata of the ``kv.*`` tensors (see
+    :func:`edgefed.common.sessions.kvcache.kv_to_wire`)."""
     handoff: HandoffRecord | None = None
     """adopt: the plan the controller made (the holder fills in what it took)."""
     deadline: float | None = None
@@ -134,7 +135,8 @@ class SessionReply(WireModel):
     """get: the context in clear (messages, system prompt, metadata) for its owner."""
     handoff: HandoffRecord | None = None
     kv: dict[str, Any] | None = None
-    """export: metadata of the ``kv.*`` tensors in the payload (none: no cache shipped)."""
+    """export: metadata of the ``kv.*`` tensors in the payload, if any, and
+    ``bytes_per_token`` (``{"fp16": n, "int8": m}``: what the cache costs on the wire)."""
     context_tokens: int = Field(default=0, ge=0)
     """export: tokens the holder's cache covers (what a re-run would prefill)."""
     timings_ms: dict[str, NonNegative] = Field(default_factory=dict)
