@@ -604,6 +604,12 @@ def figures(
         "planner_correct_default": correct_default,
         "planner_correct_int8": correct_int8,
         "planner_wrong": wrong,
+        # How much slower the planner's pick was than the fastest, at worst (1.0: always the
+        # fastest); a wrong pick at a near-tie costs a few percent.
+        "planner_worst_ratio": max(
+            (c[f"planner_{n}"]["choice_vs_fastest"] for c in cases for n in planners),
+            default=1.0,
+        ),
     }
 
 
@@ -797,7 +803,8 @@ def print_table(result: dict[str, Any]) -> None:
         console.print(f"planner wrong: {line}")
     console.print(
         f"planner correct in every case: {f['planner_correct']} "
-        f"(default {f['planner_correct_default']}, with int8 {f['planner_correct_int8']}); "
+        f"(default {f['planner_correct_default']}, with int8 {f['planner_correct_int8']}; "
+        f"its pick at worst {f['planner_worst_ratio']:.3f}x the fastest); "
         f"wall {f['wall_s']:.0f} s; targets " + ("met" if result["met"] else "NOT met")
     )
 

@@ -112,6 +112,9 @@ def test_planner_correct_is_the_measured_winner_case_by_case(figures: dict[str, 
             assert set(p["estimates_ms"]) == set(candidates)
             wrong += not p["correct"]
     assert figures["planner_correct"] == (wrong == 0)
+    cases = figures["cases"]
+    ratios = [c[f"planner_{n}"]["choice_vs_fastest"] for c in cases for n in ("default", "int8")]
+    assert figures["planner_worst_ratio"] == max(ratios)
     assert len(figures["planner_wrong"]) == wrong
 
 
