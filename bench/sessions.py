@@ -133,6 +133,9 @@ class Conversation:
     context_text: str
     token_ids: list[int]
     context_tokens: int
+    special_tokens: bool = True
+    """Whether the tokenizer adds its special tokens (not to a chat template's prompt, which
+    has its own start token)."""
 
     @property
     def new_tokens(self) -> int:
@@ -147,13 +150,14 @@ def conversation(model: OnnxModel, context_tokens: int) -> Conversation:
     prefix of the next prompt), as a holder's cache covers the turns it ran."""
 
     fmt = ChatFormat.for_artifact(model.artifact_dir)
+    special = not fmt.templated
 
     def build(words: int) -> tuple[str, str, list[int], int]:
         history = _history(words)
         before = render(fmt, history)
         prompt = render(fmt, [*history, ChatMessage(role="user", content=NEXT_MESSAGE)])
-        ids = model.tokenize_prompt(prompt)
-        prefix = _common_prefix(model.tokenize_prompt(before), ids)
+        ids = model.tokenize_prompt(prompt, special_tokens=special)
+        prefix = _common_prefix(model.tokenize_prompt(before, special_tokens=special), ids)
         return prompt, before, ids, prefix
 
     # Every word is at least one token: ``context_tokens`` words always reach the size.
@@ -165,7 +169,7 @@ def conversation(model: OnnxModel, context_tokens: int) -> Conversation:
         else:
             low = mid + 1
     prompt, before, ids, _ = build(low)
-    return Conversation(prompt, before, ids, context_tokens)
+    return Conversation(prompt, before, ids, context_tokens, special)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -292,7 +296,12 @@ class Holder:
     dtype: Any
 
     def first_token(self, cache: KvCache | None) -> tuple[float, int]:
-        result = self.model.generate_turn(self.conv.prompt, {"max_new_tokens": 1}, cache)
+        result = self.model.generate_turn(
+            self.conv.prompt,
+            {"max_new_tokens": 1},
+            cache,
+            special_tokens=self.conv.special_tokens,
+        )
         token = result.token_ids[0] if result.token_ids else -1
         return float(result.ttft_ms), int(token)
 
@@ -346,6 +355,12 @@ class Calibration:
 
     fixed_ms: float
     per_token_ms: float
+    per_token2_ms: float = 0.0
+    """The meter's square term (attention grows with the length)."""
+
+    def per_token_at(self, tokens: int) -> float:
+        """Prefill cost per token at ``tokens`` tokens, as the planner is told it."""
+        return self.per_token_ms + tokens * self.per_token2_ms
 
 
 def calibrate(model: OnnxModel, lengths: Sequence[int], reps: int) -> Calibration:
@@ -367,7 +382,7 @@ def calibrate(model: OnnxModel, lengths: Sequence[int], reps: int) -> Calibratio
     meter = PrefillMeter()
     for n in lengths:
         meter.observe(n, statistics.median(times[n]))
-    return Calibration(meter.fixed_ms, meter.per_token_ms)
+    return Calibration(meter.fixed_ms, meter.per_token_ms, meter.ms_per_token2)
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -462,7 +477,7 @@ def _codec_rates(results: Sequence[SizeResult]) -> dict[str, dict[str, float]]:
     """Measured cost of the KV payload per MB on the wire, per format: ``serialise`` on the
     old holder (``kv_to_wire`` + safetensors) and ``deserialise`` on the new one (parse +
     ``kv_from_wire``); medians over every trial. The planner's ``decode_ms_per_mb`` models
-    the second; the first is what it does not model."""
+    both together (its defaults are these figures from a run on the development machine)."""
     rates: dict[str, dict[str, float]] = {}
     for fmt in ("fp16", "int8"):
         trials = [
@@ -542,7 +557,7 @@ def figures(
                     context_tokens=r.context_tokens,
                     kv_bytes_per_token=per_token,
                     link=link,
-                    prefill_ms_per_token=r.prefill.per_token_ms,
+                    prefill_ms_per_token=r.prefill.per_token_at(r.context_tokens),
                     prefill_fixed_ms=r.prefill.fixed_ms,
                 )
                 fastest = min(candidates[name], key=lambda m: measured[m])
@@ -573,7 +588,7 @@ def figures(
                 context_tokens=r.context_tokens,
                 kv_bytes_per_token=per_token[fmt],
                 rtt_ms=rtt_ms,
-                prefill_ms_per_token=r.prefill.per_token_ms,
+                prefill_ms_per_token=r.prefill.per_token_at(r.context_tokens),
                 prefill_fixed_ms=r.prefill.fixed_ms,
                 fmt=fmt,
             )
@@ -588,6 +603,7 @@ def figures(
             "planner_prefill": {
                 "fixed_ms": round(r.prefill.fixed_ms, 2),
                 "ms_per_token": round(r.prefill.per_token_ms, 4),
+                "ms_per_token_at_context": round(r.prefill.per_token_at(r.context_tokens), 4),
             },
             "flip": flips,
         }
@@ -738,7 +754,8 @@ def print_table(result: dict[str, Any]) -> None:
             f"{fmt} serialise {c['serialise']:.1f} ms, deserialise {c['deserialise']:.1f} ms"
             for fmt, c in codec.items()
         )
-        + f" (the planner counts decoding only: {HandoffPlanner().decode_ms_per_mb})"
+        + " (the planner's coding figures, serialise + decode: "
+        + f"{HandoffPlanner().decode_ms_per_mb})"
     )
     table = Table(title="time to first token of the turn after a handoff (ms)")
     for column in ("context", "Mbit/s", "no handoff", "kv-fp16", "kv-int8", "rerun", "fastest"):
@@ -791,7 +808,8 @@ def print_table(result: dict[str, Any]) -> None:
         meter = s["planner_prefill"]
         flips.add_row(
             size,
-            f"{meter['fixed_ms']:.0f} + {meter['ms_per_token']:.2f}",
+            f"{meter['fixed_ms']:.0f} + {meter['ms_per_token']:.2f}"
+            f" ({meter['ms_per_token_at_context']:.2f} at {size})",
             f"{s['kv_bytes']['fp16'] / 1e6:.1f}",
             flip_text(s["flip"]["fp16"]),
             f"{s['flip']['fp16']['planner_mbps']}",

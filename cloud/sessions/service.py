@@ -770,7 +770,7 @@ class SessionService:
                         context_tokens=tokens,
                         kv_bytes_per_token=per_token,
                         link=self._link(target),
-                        prefill_ms_per_token=meter.ms_per_token,
+                        prefill_ms_per_token=meter.ms_per_token_at(tokens),
                         prefill_fixed_ms=meter.fixed_ms,
                     )
                     estimates, method, kv_bytes = (
@@ -808,7 +808,7 @@ class SessionService:
                 record = row.context or record
         if not estimates:
             meter = self._meter(target)
-            estimates = {"rerun": meter.fixed_ms + tokens * meter.ms_per_token}
+            estimates = {"rerun": meter.estimate_ms(tokens)}
         plan_record = HandoffRecord(
             session_id=row.id,
             source=taken_from,

@@ -487,7 +487,9 @@ class OnnxModel:
             raise PayloadError(f"model {self.name} v{self.version} has no tokenizer")
         return self._tokenizer
 
-    def _prepare(self, texts: Sequence[str], parameters: Mapping[str, Any]) -> _Prepared:
+    def _prepare(
+        self, texts: Sequence[str], parameters: Mapping[str, Any], *, special_tokens: bool = True
+    ) -> _Prepared:
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise PayloadError("texts must be a list of strings")
         if not texts:
@@ -495,7 +497,7 @@ class OnnxModel:
         if not isinstance(parameters, Mapping):
             raise PayloadError("parameters must be an object")
         generating = self.task == "text-generation"
-        rows = self._encode(texts)
+        rows = self._encode(texts, special_tokens=special_tokens)
         if not generating:
             normalize = parameters.get("normalize", True)
             if not isinstance(normalize, bool):
@@ -519,11 +521,14 @@ class OnnxModel:
                 )
         return _Prepared(rows, parameters, max_new)
 
-    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
+    def _encode(self, texts: Sequence[str], *, special_tokens: bool = True) -> list[list[int]]:
         """Token ids per text, no longer than :attr:`max_length` (a decoder's prompt without a
-        trailing end-of-sequence token)."""
+        trailing end-of-sequence token). ``special_tokens=False``: the text carries its own
+        (a prompt rendered by a chat template, which starts with the model's start token)."""
         generating = self.task == "text-generation"
-        encodings = self._text_tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        encodings = self._text_tokenizer.encode_batch(
+            list(texts), add_special_tokens=special_tokens
+        )
         rows: list[list[int]] = []
         for i, enc in enumerate(encodings):
             row = list(enc.ids)
@@ -658,14 +663,16 @@ class OnnxModel:
 
     # ------------------------------------------------------------------ turns
 
-    def tokenize_prompt(self, prompt: str) -> list[int]:
+    def tokenize_prompt(self, prompt: str, *, special_tokens: bool = True) -> list[int]:
         """The token ids :meth:`generate_turn` (and :meth:`run_texts`) runs for ``prompt``;
         raises :class:`InputTooLongError` past :attr:`max_length` and :class:`PayloadError` for
-        an empty prompt or a model that does not generate text."""
+        an empty prompt or a model that does not generate text. ``special_tokens=False`` for a
+        prompt a chat template rendered (it has its own start token; transformers' tokenizers
+        do the same after ``apply_chat_template``)."""
         self._require_generator()
         if not isinstance(prompt, str):
             raise PayloadError("the prompt must be a string")
-        return self._encode([prompt])[0]
+        return self._encode([prompt], special_tokens=special_tokens)[0]
 
     @property
     def has_cache(self) -> bool:
@@ -714,7 +721,12 @@ class OnnxModel:
                 )
 
     def generate_turn(
-        self, prompt: str, parameters: Mapping[str, Any], cache: KvCache | None
+        self,
+        prompt: str,
+        parameters: Mapping[str, Any],
+        cache: KvCache | None,
+        *,
+        special_tokens: bool = True,
     ) -> TurnResult:
         """Greedy decoding of ``prompt`` as :meth:`run_texts` does it (same tokens, limits,
         errors and text), reusing ``cache`` for the longest common prefix of its tokens and
@@ -725,7 +737,7 @@ class OnnxModel:
         self._require_generator()
         if not isinstance(prompt, str):
             raise PayloadError("the prompt must be a string")
-        prepared = self._prepare([prompt], parameters)
+        prepared = self._prepare([prompt], parameters, special_tokens=special_tokens)
         row = prepared.rows[0]
         cached, past = self._reusable(row, cache)
         decoded = self._decode(cached, past, row[len(cached) :], prepared.max_new_tokens, started)

@@ -6,9 +6,12 @@ and the new holder prefills the conversation again (``rerun``). :class:`HandoffP
 the method with the lowest estimated time until the new holder has a cache:
 
 - ``kv-<fmt>``: ``rtt + bytes * 8 / bandwidth + bytes * decode_ms_per_mb[fmt] / 1e6``, the
-  round trip, the transfer and the decoding of the tensors on arrival, times ``safety``;
+  round trip, the transfer and the coding of the tensors (the old holder's serialisation and
+  the new holder's decoding), times ``safety``;
 - ``rerun``: ``prefill_fixed_ms + context_tokens * prefill_ms_per_token``, the new holder's
-  prefill, which :class:`PrefillMeter` learns from the re-runs it has timed.
+  prefill, which :class:`PrefillMeter` learns from the prefills it has timed. Attention makes
+  the cost per token grow with the length, so callers pass
+  :meth:`PrefillMeter.ms_per_token_at` of the context's length.
 
 Ties go to ``rerun`` (nothing to ship). :meth:`HandoffPlanner.flip_bandwidth_bps` is the
 bandwidth at which a KV method and the re-run cost the same: above it the planner ships the
@@ -37,8 +40,10 @@ __all__ = [
 Method = Literal["kv-fp16", "kv-int8", "rerun"]
 KvFmt = Literal["fp16", "int8"]
 
-DEFAULT_DECODE_MS_PER_MB: Mapping[KvFmt, float] = {"fp16": 1.0, "int8": 2.0}
-"""Decoding a received cache (safetensors view, cast or dequantise), ms per MB on the wire."""
+DEFAULT_DECODE_MS_PER_MB: Mapping[KvFmt, float] = {"fp16": 7.6, "int8": 9.2}
+"""Coding a shipped cache, ms per MB on the wire: serialising it on the old holder (cast or
+quantise, safetensors) plus decoding it on the new one, as ``bench/sessions.py`` measured them on
+the 2-core development machine (fp16 4.6 + 3.0, int8 6.2 + 3.0)."""
 DEFAULT_PREFILL_MS_PER_TOKEN = 1.0
 """A :class:`PrefillMeter`'s figure before it has timed anything (configurable)."""
 DEFAULT_PREFILL_FIXED_MS = 0.0
@@ -221,13 +226,15 @@ class HandoffPlanner:
 
 @dataclass
 class PrefillMeter:
-    """A holder's prefill time as ``fixed_ms + tokens * ms_per_token``, fitted by weighted least
-    squares over the last ``window`` timed prefills, the newer the heavier (weights halve every
-    ``halflife`` samples: an EWMA that follows a host whose speed drifts).
+    """A holder's prefill time as ``fixed_ms + tokens * ms_per_token + tokens**2 *
+    ms_per_token2`` (attention's share grows with the square of the length), fitted by weighted
+    least squares over the last ``window`` timed prefills, the newer the heavier (weights halve
+    every ``halflife`` samples: an EWMA that follows a host whose speed drifts).
 
-    With samples of a single length it keeps the default fixed part and fits the slope; a fit
-    that would make either part negative is redone with that part at 0. Before any sample it
-    answers the defaults.
+    The square term needs samples of three lengths or more and is dropped when the fit would
+    make any part negative; then the straight line is fitted: with samples of a single length
+    it keeps the default fixed part and fits the slope, and a fit that would make either part
+    negative is redone with that part at 0. Before any sample it answers the defaults.
     """
 
     default_ms_per_token: float = DEFAULT_PREFILL_MS_PER_TOKEN
@@ -236,6 +243,7 @@ class PrefillMeter:
     halflife: float = 8.0
     _samples: deque[tuple[int, float]] = field(init=False, repr=False)
     _fit: tuple[float, float] = field(init=False, repr=False)
+    _square: float = field(init=False, repr=False, default=0.0)
 
     def __post_init__(self) -> None:
         _finite(self.default_ms_per_token, "default_ms_per_token")
@@ -254,7 +262,7 @@ class PrefillMeter:
         if not math.isfinite(ms) or ms < 0:
             return False
         self._samples.append((tokens, float(ms)))
-        self._fit = self._refit()
+        self._fit, self._square = self._refit_square() or (self._refit(), 0.0)
         return True
 
     @property
@@ -274,9 +282,42 @@ class PrefillMeter:
         """The same as :attr:`ms_per_token`."""
         return self._fit[1]
 
+    @property
+    def ms_per_token2(self) -> float:
+        """The square term (ms per token squared; 0 when the line fits best)."""
+        return self._square
+
+    def ms_per_token_at(self, tokens: int) -> float:
+        """The cost per token of a prefill of ``tokens`` tokens (the fixed part aside): what
+        :meth:`HandoffPlanner.plan` takes as ``prefill_ms_per_token``."""
+        return self.ms_per_token + max(0, tokens) * self._square
+
     def estimate_ms(self, tokens: int) -> float:
         """The predicted prefill time of ``tokens`` tokens."""
-        return self.fixed_ms + tokens * self.ms_per_token
+        return self.fixed_ms + tokens * self.ms_per_token_at(tokens)
+
+    def _refit_square(self) -> tuple[tuple[float, float], float] | None:
+        """The fit with the square term, or None (fewer than three lengths, or a part < 0)."""
+        n = len(self._samples)
+        if len({t for t, _ in self._samples}) < 3:
+            return None
+        weights = [0.5 ** ((n - 1 - i) / self.halflife) for i in range(n)]
+        # Normal equations of weighted least squares in (1, x, x^2), x in thousands of tokens
+        # (keeps the 3x3 system well conditioned).
+        rows = [(1.0, t / 1000.0, (t / 1000.0) ** 2) for t, _ in self._samples]
+        ys = [ms for _, ms in self._samples]
+        a = [
+            [sum(w * r[i] * r[j] for w, r in zip(weights, rows, strict=True)) for j in range(3)]
+            for i in range(3)
+        ]
+        b = [sum(w * r[i] * y for w, r, y in zip(weights, rows, ys, strict=True)) for i in range(3)]
+        solved = _solve3(a, b)
+        if solved is None:
+            return None
+        fixed, linear, square = solved[0], solved[1] / 1000.0, solved[2] / 1e6
+        if min(fixed, linear, square) < 0:
+            return None
+        return (fixed, linear), square
 
     def _refit(self) -> tuple[float, float]:
         n = len(self._samples)
@@ -302,3 +343,21 @@ class PrefillMeter:
         sxy = sum(w * x * (y - fixed) for w, x, y in zip(weights, xs, ys, strict=True))
         sxx = sum(w * x * x for w, x in zip(weights, xs, strict=True))
         return fixed, max(0.0, sxy / sxx)
+
+
+def _solve3(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting; None for a singular system."""
+    m = [[*row, rhs] for row, rhs in zip(a, b, strict=True)]
+    for col in range(3):
+        pivot = max(range(col, 3), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-12:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(col + 1, 3):
+            f = m[r][col] / m[col][col]
+            for c in range(col, 4):
+                m[r][c] -= f * m[col][c]
+    x = [0.0, 0.0, 0.0]
+    for r in (2, 1, 0):
+        x[r] = (m[r][3] - sum(m[r][c] * x[c] for c in range(r + 1, 3))) / m[r][r]
+    return x

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -290,10 +291,19 @@ class SessionHolder:
             raise PayloadError("a turn needs a non-empty message")
         ctx.check_can_add(request.message)
         model = self.models(ctx.model)
-        prompt = self.chat_format(model).render(ctx.chat(request.message))
+        fmt = self.chat_format(model)
+        prompt = fmt.render(ctx.chat(request.message))
         cache = self._caches.get(ctx.session_id)
         started = time.perf_counter()
-        result = await asyncio.to_thread(model.generate_turn, prompt, request.parameters, cache)
+        result = await asyncio.to_thread(
+            functools.partial(
+                model.generate_turn,
+                prompt,
+                request.parameters,
+                cache,
+                special_tokens=not fmt.templated,
+            )
+        )
         total_ms = (time.perf_counter() - started) * 1000.0
         updated = ctx.with_turn(request.message, result.text, self.clock())
         self._keep(updated)
@@ -314,7 +324,8 @@ class SessionHolder:
 
     def _history_ids(self, model: OnnxModel, ctx: SessionContext) -> list[int]:
         """The tokens a re-run prefills: the chat so far, as the next turn's prompt starts."""
-        return model.tokenize_prompt(self.chat_format(model).render(ctx.chat(None)))
+        fmt = self.chat_format(model)
+        return model.tokenize_prompt(fmt.render(ctx.chat(None)), special_tokens=not fmt.templated)
 
     async def _export(self, request: SessionRequest, ctx: SessionContext) -> Encoded:
         tensors = self._sealed(ctx)

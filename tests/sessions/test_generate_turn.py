@@ -193,3 +193,16 @@ def test_kv_bytes_per_token_follows_the_graph(model: OnnxModel) -> None:
     for fmt in ("fp16", "int8"):
         assert cache.nbytes(fmt) == model.kv_bytes_per_token(fmt) * cache.length
     assert model.kv_dtype == np.float32
+
+
+def test_a_templated_prompt_gets_no_second_start_token(model: OnnxModel) -> None:
+    """A chat template writes the model's start token itself; the tokenizer must not add
+    another (SmolLM2 otherwise sees ``<|im_start|><|im_start|>``)."""
+    prompt = "[CLS] user: the belt slips"
+    plain = model.tokenize_prompt(prompt)
+    templated = model.tokenize_prompt(prompt, special_tokens=False)
+    assert plain[0] == plain[1]  # what the default does to a prompt that has its own
+    assert templated == plain[1:]
+    turn = model.generate_turn(prompt, {"max_new_tokens": 3}, None, special_tokens=False)
+    cold = model.generate_turn(prompt, {"max_new_tokens": 3}, None)
+    assert turn.prefill_tokens == cold.prefill_tokens - 1

@@ -45,7 +45,7 @@ def test_a_fast_link_ships_the_cache_a_slow_one_reruns() -> None:
     fp16_bytes = PER_TOKEN["fp16"] * TOKENS
     assert slow.estimates_ms["rerun"] == pytest.approx(20.0 + TOKENS * 0.5)
     assert slow.estimates_ms["kv-fp16"] == pytest.approx(
-        20.0 + fp16_bytes * 8 / (5 * MBIT) * 1000 + fp16_bytes / 1e6 * 1.0
+        20.0 + fp16_bytes * 8 / (5 * MBIT) * 1000 + fp16_bytes / 1e6 * 7.6
     )
     assert "kv-int8" not in slow.estimates_ms  # not allowed: not even considered
 
@@ -238,3 +238,23 @@ def test_a_meter_feeds_the_planner() -> None:
     )
     assert chosen.method == "rerun"
     assert chosen.estimates_ms["rerun"] == pytest.approx(meter.estimate_ms(TOKENS))
+
+
+def test_the_meter_learns_that_long_prefills_cost_more_per_token() -> None:
+    """Attention makes a prefill's cost per token grow with its length (SmolLM2 on this
+    machine: ~2.7 ms/token at 512, ~3.8 at 1,024): a straight line fitted on short and long
+    prefills overestimates the middle and underestimates the end; the meter's square term
+    does not."""
+    meter = PrefillMeter()
+    truth = {n: 5.0 + 1.5 * n + 0.002 * n * n for n in (48, 96, 192, 384, 768)}
+    for n, ms in truth.items():
+        assert meter.observe(n, ms)
+    assert meter.ms_per_token2 == pytest.approx(0.002, rel=1e-6)
+    assert meter.estimate_ms(1024) == pytest.approx(5.0 + 1.5 * 1024 + 0.002 * 1024**2, rel=1e-6)
+    assert meter.ms_per_token_at(1024) > meter.ms_per_token_at(128)
+    # Two lengths only: no square term, the line as before.
+    line = PrefillMeter()
+    line.observe(100, 60.0)
+    line.observe(200, 110.0)
+    assert line.ms_per_token2 == 0.0
+    assert line.ms_per_token_at(1000) == pytest.approx(0.5)
