@@ -58,10 +58,10 @@ class SlowModel:
         self.delay_s = delay_s
         self.started = threading.Event()
 
-    def generate_turn(self, prompt: str, parameters: Any, cache: Any) -> Any:
+    def generate_turn(self, prompt: str, parameters: Any, cache: Any, **kw: Any) -> Any:
         self.started.set()
         time.sleep(self.delay_s)
-        return self._model.generate_turn(prompt, parameters, cache)
+        return self._model.generate_turn(prompt, parameters, cache, **kw)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)

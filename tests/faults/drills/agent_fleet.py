@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -83,7 +84,11 @@ def tiny_model() -> TinyModel:
     signing key, by later processes."""
     if not _BUILT:
         cache = Path(tempfile.gettempdir()) / f"edgefed-drill-model-v{_CACHE_VERSION}-{os.getuid()}"
-        _BUILT.append(_cached(cache) or _build_into(cache))
+        # One builder at a time (test workers start together): a second one would replace the
+        # first one's model under its feet, signed with a key the first one's agents distrust.
+        with (cache.parent / f"{cache.name}.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _BUILT.append(_cached(cache) or _build_into(cache))
     return _BUILT[0]
 
 
