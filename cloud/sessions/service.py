@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -388,16 +388,7 @@ class SessionService:
                 target, reason = self._place(row)
                 row, handoff = await self._move(row, ctx, target, reason or "placement")
                 outcome = await self._send_turn(row, target, message, params, limit)
-        if handoff is not None:
-            outcome = TurnOutcome(
-                reply=outcome.reply,
-                tokens=outcome.tokens,
-                summary=outcome.summary,
-                holder=outcome.holder,
-                handoff=handoff,
-                timings_ms=outcome.timings_ms,
-            )
-        return outcome
+        return outcome if handoff is None else replace(outcome, handoff=handoff)
 
     # ------------------------------------------------------------------ rows and contexts
 

@@ -26,7 +26,6 @@ copy is deleted as the error is sent; a turn that would take the context over it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -47,7 +46,7 @@ from edgefed.common.sessions.context import (
     new_session_id,
 )
 from edgefed.common.sessions.crypto import FleetKey
-from edgefed.common.sessions.errors import SessionConflict, SessionNotFound
+from edgefed.common.sessions.errors import SessionConflict, SessionNotFound, SessionStoreError
 from edgefed.common.sessions.kvcache import KvCache, kv_from_wire, kv_to_wire
 from edgefed.common.sessions.store import SessionStore
 from edgefed.common.sessions.wire import (
@@ -112,7 +111,9 @@ class SessionHolder:
         self._contexts: dict[str, SessionContext] = {}
         self._caches: dict[str, KvCache] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._dirty: dict[str, SessionReplica] = {}
+        self._dirty: dict[str, tuple[SessionContext, bool]] = {}
+        """Sessions whose replica is due: the context (as kept, or as dropped) and whether it
+        was dropped."""
         self._changed = asyncio.Event()
 
     # ------------------------------------------------------------------ state
@@ -155,17 +156,23 @@ class SessionHolder:
         self._contexts[ctx.session_id] = ctx
         self._mark(ctx, deleted=False)
 
-    def _drop(self, session_id: str) -> bool:
+    def _drop(self, session_id: str) -> None:
+        """Delete the session here: its file first (a failure raises and keeps it whole, to be
+        retried), then what is in memory; the controller hears of it."""
+        self.store.delete(session_id)
         ctx = self._contexts.pop(session_id, None)
         self._caches.pop(session_id, None)
         self._locks.pop(session_id, None)
-        removed = self.store.delete(session_id)
         if ctx is not None:
             self._mark(ctx, deleted=True)
-        return removed or ctx is not None
 
     def _mark(self, ctx: SessionContext, *, deleted: bool) -> None:
-        self._dirty[ctx.session_id] = SessionReplica(
+        """Queue the session's replica (the newest change of a session wins)."""
+        self._dirty[ctx.session_id] = (ctx, deleted)
+        self._changed.set()
+
+    def _replica(self, ctx: SessionContext, *, deleted: bool) -> SessionReplica:
+        return SessionReplica(
             session_id=ctx.session_id,
             holder=self.holder_id,
             version=ctx.version,
@@ -175,7 +182,6 @@ class SessionHolder:
             deleted=deleted,
             sent_at=self.clock(),
         )
-        self._changed.set()
 
     def _sealed(self, ctx: SessionContext) -> dict[str, np.ndarray]:
         record = self.key.seal_context(self.topics.fleet, ctx)
@@ -414,12 +420,9 @@ class SessionHolder:
             self._changed.clear()
             await asyncio.sleep(min(self.settings.replica_lag_s, 0.05))
             pending, self._dirty = self._dirty, {}
-            for sid, replica in pending.items():
-                ctx = self._contexts.get(sid)
-                tensors = None if replica.deleted or ctx is None else self._sealed(ctx)
-                if ctx is not None and not replica.deleted:
-                    replica = replica.model_copy(update={"version": ctx.version})
-                encoded = encode(replica, tensors)
+            for sid, (ctx, deleted) in pending.items():
+                replica = self._replica(ctx, deleted=deleted)
+                encoded = encode(replica, None if deleted else self._sealed(ctx))
                 try:
                     await client.publish(
                         self.topics.session_replica(self.holder_id),
@@ -429,7 +432,7 @@ class SessionHolder:
                     )
                 except Exception as exc:  # noqa: BLE001 - kept and retried
                     log.warning("replica of session %s not sent (%s); retrying", sid, exc)
-                    self._dirty.setdefault(sid, replica)
+                    self._dirty.setdefault(sid, (ctx, deleted))
                     self._changed.set()
                     await asyncio.sleep(self.settings.replica_lag_s)
 
@@ -440,10 +443,15 @@ class SessionHolder:
             self.expire_now()
 
     def expire_now(self) -> list[str]:
+        """Delete the sessions expired by now; the ids deleted."""
         now = self.clock()
-        gone = [sid for sid, ctx in self._contexts.items() if ctx.expired(now)]
-        for sid in gone:
-            with contextlib.suppress(OSError):
+        gone: list[str] = []
+        for sid in [sid for sid, ctx in self._contexts.items() if ctx.expired(now)]:
+            try:
                 self._drop(sid)
+            except SessionStoreError as exc:  # kept whole; the next sweep tries again
+                log.warning("expired session %s not deleted yet: %s", sid, exc)
+                continue
             log.info("session %s expired: deleted", sid)
+            gone.append(sid)
         return gone

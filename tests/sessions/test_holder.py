@@ -25,9 +25,9 @@ from edgefed.common.rpc import ReplyCache, Requester, serve
 from edgefed.common.schemas import Decoded, decode
 from edgefed.common.serving.runtime import OnnxModel
 from edgefed.common.sessions.chat import ChatFormat
-from edgefed.common.sessions.context import ChatMessage, SessionLimits
+from edgefed.common.sessions.context import ChatMessage, SessionContext, SessionLimits
 from edgefed.common.sessions.crypto import FleetKey
-from edgefed.common.sessions.errors import SessionKeyError
+from edgefed.common.sessions.errors import SessionKeyError, SessionStoreError
 from edgefed.common.sessions.holder import HolderSettings, SessionHolder
 from edgefed.common.sessions.store import SessionStore
 from edgefed.common.sessions.wire import (
@@ -387,3 +387,44 @@ async def test_every_change_reaches_the_replica_sealed(rig: Rig) -> None:
     ctx = rig.key.open_context(rig.topics.fleet, sid, sealed)
     assert ctx.version == 1
     assert ctx.messages[0].content == "note: torque 40 Nm"
+
+
+def test_an_expired_session_whose_file_cannot_be_deleted_is_kept_and_deleted_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = FleetKey.generate()
+    clock = Clock()
+    store = SessionStore(tmp_path / "sessions", key, "f1")
+    holder = SessionHolder(
+        holder_id="h1",
+        topics=Topics("f1"),
+        key=key,
+        store=store,
+        models=lambda name: pytest.fail("no model is needed to expire a session"),
+        chat_format=lambda m: pytest.fail("no chat format is needed to expire a session"),
+        clock=clock,
+    )
+    ctx = SessionContext(
+        session_id="s1",
+        owner=OWNER,
+        model="m",
+        created_at=clock.now,
+        expires_at=clock.now + 10,
+        ttl_s=10,
+    )
+    store.save(ctx)
+    assert holder.restore() == ["s1"]
+    clock.now += 11
+    real_delete = store.delete
+
+    def failing(session_id: str) -> bool:
+        raise SessionStoreError(f"cannot delete session {session_id}: disk gone read-only")
+
+    monkeypatch.setattr(store, "delete", failing)
+    assert holder.expire_now() == []
+    assert holder.sessions() == ["s1"]  # nothing half-deleted: kept whole for the next sweep
+    assert store.ids() == ["s1"]
+    monkeypatch.setattr(store, "delete", real_delete)
+    assert holder.expire_now() == ["s1"]
+    assert holder.sessions() == []
+    assert store.ids() == []

@@ -102,17 +102,7 @@ class SessionOut(BaseModel):
 
     @classmethod
     def of(cls, s: SessionSummary) -> SessionOut:
-        return cls(
-            session_id=s.session_id,
-            model=s.model,
-            holder=s.holder,
-            version=s.version,
-            messages=s.messages,
-            context_bytes=s.context_bytes,
-            created_at=s.created_at,
-            expires_at=s.expires_at,
-            metadata=dict(s.metadata),
-        )
+        return cls.model_validate(s.model_dump(exclude={"kind", "v"}))
 
 
 class SessionDetailOut(SessionOut):
